@@ -1,0 +1,66 @@
+"""Encode a dataset split once and keep the latents as safetensors next to the VQ-VAE.
+
+The file name carries a hash of everything the latents depend on (dataset, data folder, split,
+image size, sample count, VQ-VAE weights), and the same key is stored inside the file and
+checked on load, so a changed input always rebuilds and a stale cache is never read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from training_utils import atomic_write
+
+
+def cache_key(args, split: str, codec) -> dict:
+    return dict(
+        dataset=args.dataset,
+        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        split=split,
+        image_size=args.image_size,
+        max_samples=args.max_train_samples if split == "train" else None,
+        codec=codec.fingerprint,
+    )
+
+
+def cache_path(codec, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return codec.cache_dir / f"{key['dataset']}-{key['split']}-{key['image_size']}px-{digest}.safetensors"
+
+
+@torch.no_grad()
+def encode_dataset(codec, dataset, device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (N, *latent_shape) and labels (N,) of a class-conditional dataset, in order."""
+    codec.to(device)
+    latents, labels = [], []
+    for images, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="encoding latents"):
+        latents.append(codec.encode(images.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(latents), torch.cat(labels).long()
+
+
+def load_or_encode(codec, dataset_fn, args, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached latents and labels of a split; `dataset_fn()` builds the dataset only when needed.
+
+    Pixel space (no cache directory) encodes in memory every time: it is just the images.
+    """
+    if codec.cache_dir is None:
+        return encode_dataset(codec, dataset_fn(), device)
+    key = cache_key(args, split, codec)
+    path = cache_path(codec, key)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if json.loads(f.metadata().get("key", "{}")) == key:
+                return f.get_tensor("latents"), f.get_tensor("labels")
+    latents, labels = encode_dataset(codec, dataset_fn(), device)
+    tensors = {"latents": latents.contiguous(), "labels": labels}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True)}))
+    print(f"cached {len(latents)} latents in {path}")
+    return latents, labels

@@ -1,0 +1,278 @@
+"""Train a class-conditional flow in latent space: the conditional prior (cpd) or a baseline.
+
+    python train.py --method cpd --prior_dir runs/prior-mnist --vqvae_directory runs/vqvae-mnist \
+        --output_dir runs/cpd-mnist --max_steps 2000
+
+Methods share the network, optimiser and budget, and differ only in where x0 comes from:
+  cpd      x0 from the class-conditional Gaussian prior (train_mapper.py), independent pairs
+  condot   x0 ~ N(0, I), independent pairs
+  batchot  x0 ~ N(0, I), paired with the batch by exact minibatch optimal transport
+  ddpm     epsilon prediction with diffusers' DDPMScheduler, sampled with DDIM
+
+The run folder gets config.json, metrics.jsonl, sample grids, checkpoints/ and, at the end,
+the EMA network in unet/ (UNet2DModel.from_pretrained loads it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from checkpoints import load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dataset import add_dataset_args, dataset_from_args
+from flow import COUPLINGS, SOLVERS, TIME_SAMPLINGS, couple, ddpm_loss, flow_matching_loss, generate
+from latent_cache import load_or_encode
+from neural_models import build_unet, conditional_model, load_codec, unet_config
+from runs import METHODS, build_prior, decode_grid, sampling_scheduler, save_unet, training_scheduler
+from training_utils import UserError, autocast, cli_entry, pick_device, read_json, seed_everything, write_json
+
+# Config entries that must match to resume a run: they define the model and the problem.
+RESUME_KEYS = ("method", "coupling", "latent_shape", "num_classes", "unet", "codec", "prior_dir")
+
+
+def run_config(args: argparse.Namespace, codec, dataset) -> dict:
+    config = vars(args).copy()
+    config.update(
+        coupling=args.coupling or METHODS[args.method],
+        latent_shape=list(codec.latent_shape),
+        num_classes=dataset.num_classes,
+        channels=dataset.channels,
+        codec=codec.fingerprint,
+        unet=unet_config(codec.latent_shape, dataset.num_classes, args.unet_config or _unet_flag_overrides(args)),
+    )
+    return config
+
+
+def _unet_flag_overrides(args: argparse.Namespace) -> dict:
+    overrides = {}
+    if args.block_out_channels:
+        channels = [int(c) for c in args.block_out_channels.split(",")]
+        attn = ["DownBlock2D"] * (len(channels) - 1) + ["AttnDownBlock2D"]
+        overrides.update(block_out_channels=channels, down_block_types=attn,
+                         up_block_types=[b.replace("Down", "Up") for b in reversed(attn)])
+    if args.layers_per_block:
+        overrides["layers_per_block"] = args.layers_per_block
+    return overrides
+
+
+def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path:
+    """A fresh run needs an unused folder; a resumed one needs the same model and problem."""
+    out = Path(args.output_dir)
+    saved = out / "config.json"
+    if args.resume_from_checkpoint is None:
+        if saved.exists():
+            raise UserError(f"{out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
+                            "or choose another --output_dir")
+    elif saved.exists():
+        old = read_json(saved, "run config")
+        diff = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+        if diff:
+            raise UserError(f"cannot resume {out}: its {', '.join(diff)} differ from this command's")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved, config)
+    return out
+
+
+def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The data indices of a step: epoch e visits a permutation seeded by (seed, e).
+
+    The data order is a function of the step alone, so a resumed run sees the same batches.
+    """
+    per_epoch = num_items // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag, so the loop can finish its step and checkpoint."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def training_loss(config, unet, prior, ddpm_scheduler, x1, labels) -> tuple[torch.Tensor, float]:
+    """One batch's loss and the mean |x1 - x0|^2 of the pairs it trained on."""
+    null = torch.full_like(labels, config["num_classes"])
+    dropped = torch.rand(len(labels), device=labels.device) < config["cfg_dropout"]
+    model = conditional_model(unet, {"class_labels": torch.where(dropped, null, labels)})
+    x0 = couple(prior.sample(labels), x1, labels, config["coupling"])
+    cost = (x1 - x0).flatten(1).pow(2).sum(1).mean().item()
+    if config["method"] == "ddpm":
+        return ddpm_loss(model, x0, x1, ddpm_scheduler), cost
+    return flow_matching_loss(model, x0, x1, config["sigma_min"], config["time_sampling"]), cost
+
+
+@torch.no_grad()
+def validation_grid(config, unet, ema, prior, codec, path: Path, device) -> None:
+    """EMA samples at --num_steps NFE, one row per class, from a fixed generator."""
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    classes = min(config["num_classes"], 10)
+    labels = torch.arange(classes, device=device).repeat_interleave(8)
+    x0 = prior.sample(labels, generator=torch.Generator(device).manual_seed(config["seed"]))
+    model = conditional_model(unet, {"class_labels": labels}, {"class_labels": torch.full_like(labels, config["num_classes"])},
+                              config["cfg_scale"])
+    x1, _, _ = generate(model, x0, config["method"], config["num_steps"], config["solver"], sampling_scheduler(config))
+    save_image(decode_grid(codec, x1), path, nrow=8)
+    unet.train()
+    ema.restore(unet.parameters())
+
+
+@cli_entry
+def main(args: argparse.Namespace) -> dict:
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    train_set = dataset_from_args(args, "train")
+    if train_set.conditioning != "class":
+        raise UserError(f"the {args.dataset} dataset has captions: text conditioning is not implemented yet")
+    codec = load_codec(args.vqvae_directory, train_set.channels, args.image_size)
+    config = run_config(args, codec, train_set)
+    prior = build_prior(config, codec, device)
+    # As in diffusers' scripts, `latest` with no checkpoint yet starts a fresh run.
+    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint, required=args.resume_from_checkpoint != "latest") \
+        if args.resume_from_checkpoint else None
+    out = prepare_output_dir(args, config)
+
+    latents, labels = load_or_encode(codec, lambda: train_set, args, "train", device)
+    latents, labels = latents.to(device), labels.to(device)
+    if len(latents) < args.batch_size:
+        raise UserError(f"--batch_size {args.batch_size} exceeds the {len(latents)} training samples")
+    steps_per_epoch = len(latents) // args.batch_size
+    max_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
+
+    unet = build_unet(config["unet"]).to(device).train()
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    ddpm_scheduler = training_scheduler(config)
+
+    step = 0
+    if resume:
+        state = load_checkpoint(resume, device)
+        try:
+            unet.load_state_dict(state["unet"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise UserError(f"checkpoint {resume} does not fit this model: {str(err).splitlines()[0]}") from None
+        ema.to(device)
+        set_rng_state(state["rng"])
+        step = state["step"]
+        print(f"resumed from {resume} at step {step}")
+
+    def checkpoint() -> Path:
+        state = dict(unet=unet.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                     lr_scheduler=lr_scheduler.state_dict(), step=step, rng=rng_state())
+        return save_checkpoint(out, state, step, args.checkpoints_total_limit)
+
+    stop = StopSignal()
+    log, last_log = [], time.perf_counter()
+    progress = tqdm(total=max_steps, initial=step, desc=args.method)
+    with open(out / "metrics.jsonl", "a" if resume else "w") as metrics_file:
+        while step < max_steps:
+            idx = batch_indices(step, len(latents), args.batch_size, args.seed)
+            with autocast(device, args.mixed_precision):
+                loss, cost = training_loss(config, unet, prior, ddpm_scheduler, latents[idx], labels[idx])
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step + 1}; stopped without updating the weights "
+                                f"(the checkpoints in {out / 'checkpoints'} are intact)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)  # before the step
+            optimizer.step()
+            lr_scheduler.step()
+            ema.step(unet.parameters())
+            step += 1
+            progress.update()
+            log.append((loss.item(), cost))
+
+            if step % args.logging_steps == 0 or step == max_steps:
+                now = time.perf_counter()
+                row = dict(step=step, loss=sum(l for l, _ in log) / len(log), coupling_cost=sum(c for _, c in log) / len(log),
+                           lr=lr_scheduler.get_last_lr()[0], steps_per_sec=len(log) / (now - last_log))
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                log, last_log = [], now
+            if args.validation_steps and (step % args.validation_steps == 0 or step == max_steps):
+                validation_grid(config, unet, ema, prior, codec, out / f"samples-{step:08d}.png", device)
+            if step % args.checkpointing_steps == 0 or step == max_steps:
+                checkpoint()
+            if stop.received:
+                path = checkpoint()
+                print(f"{stop.received} received: saved {path} at step {step}; resume with --resume_from_checkpoint latest")
+                return {"step": step, "stopped": stop.received}
+    progress.close()
+
+    ema.copy_to(unet.parameters())
+    save_unet(unet, out / "unet")
+    print(f"done: {step} steps; EMA network in {out / 'unet'}, metrics in {out / 'metrics.jsonl'}")
+    return {"step": step, "output_dir": str(out)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(parser)
+    p = parser.add_argument_group("method")
+    p.add_argument("--method", default="cpd", choices=tuple(METHODS))
+    p.add_argument("--prior_dir", default=None, help="train_mapper.py output (cpd only)")
+    p.add_argument("--sigma", type=float, default=1.0, help="scale of the prior's covariance factor (cpd)")
+    p.add_argument("--coupling", default=None, choices=COUPLINGS, help="override the method's coupling")
+    p.add_argument("--sigma_min", type=float, default=0.01, help="noise added to x_t, as in the paper's code")
+    p.add_argument("--time_sampling", default="uniform", choices=TIME_SAMPLINGS)
+    p.add_argument("--cfg_dropout", type=float, default=0.1, help="probability of training on the null class")
+    p.add_argument("--vqvae_directory", "--vqae_directory", default=None, help="saved VQ-VAE; omit for pixel space")
+    n = parser.add_argument_group("network")
+    n.add_argument("--unet_config", default=None, help="json file of UNet2DModel arguments")
+    n.add_argument("--block_out_channels", default=None, help="e.g. 64,128 (attention on the last level)")
+    n.add_argument("--layers_per_block", type=int, default=None)
+    t = parser.add_argument_group("training")
+    t.add_argument("--output_dir", default="runs/cpd-mnist")
+    t.add_argument("--max_steps", type=int, default=None, help="overrides --num_train_epochs")
+    t.add_argument("--num_train_epochs", type=int, default=1)
+    t.add_argument("--batch_size", type=int, default=128)
+    t.add_argument("--learning_rate", type=float, default=1e-3)
+    t.add_argument("--weight_decay", type=float, default=0.0)
+    t.add_argument("--lr_scheduler", default="constant_with_warmup", help="any diffusers get_scheduler name")
+    t.add_argument("--lr_warmup_steps", type=int, default=100)
+    t.add_argument("--max_grad_norm", type=float, default=1.0)
+    t.add_argument("--ema_decay", type=float, default=0.999)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--mixed_precision", default="bf16", choices=("bf16", "no"), help="bf16 autocast on CUDA only")
+    t.add_argument("--device", default=None)
+    c = parser.add_argument_group("checkpoints and logging")
+    c.add_argument("--checkpointing_steps", type=int, default=500)
+    c.add_argument("--checkpoints_total_limit", type=int, default=3)
+    c.add_argument("--resume_from_checkpoint", default=None,
+                   help="latest (starts fresh if the run has no checkpoint yet), or a checkpoint path")
+    c.add_argument("--logging_steps", type=int, default=10)
+    c.add_argument("--validation_steps", type=int, default=500, help="sample grid this often (0: never)")
+    c.add_argument("--num_steps", type=int, default=15, help="NFE of the validation grids (the paper's flag)")
+    c.add_argument("--solver", default="euler", choices=SOLVERS, help="solver of the validation grids")
+    c.add_argument("--cfg_scale", type=float, default=1.0, help="guidance of the validation grids")
+    args = parser.parse_args(argv)
+    if args.method == "cpd" and not args.prior_dir:
+        parser.error("--method cpd needs --prior_dir (the output of train_mapper.py)")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

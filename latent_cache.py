@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from training_utils import atomic_write
+from training_utils import all_gather_rows, atomic_write
 
 
 def cache_key(args, split: str, codec) -> dict:
@@ -36,31 +36,41 @@ def cache_path(codec, key: dict) -> Path:
 
 
 @torch.no_grad()
-def encode_dataset(codec, dataset, device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (N, *latent_shape) and labels (N,) of a class-conditional dataset, in order."""
+def encode_dataset(codec, dataset, device: torch.device, batch_size: int = 256, rank: int = 0,
+                   world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (N, *latent_shape) and labels (N,) of a class-conditional dataset, in order.
+
+    Under torchrun each rank encodes a contiguous shard and every rank gets the whole result.
+    """
     codec.to(device)
+    shard = -(-len(dataset) // world)
+    part = Subset(dataset, range(rank * shard, min(len(dataset), (rank + 1) * shard)))
     latents, labels = [], []
-    for images, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="encoding latents"):
-        latents.append(codec.encode(images.to(device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(latents), torch.cat(labels).long()
+    for images, y in tqdm(DataLoader(part, batch_size=batch_size), desc="encoding latents", disable=rank > 0):
+        latents.append(codec.encode(images.to(device)).float())
+        labels.append(torch.as_tensor(y, device=device))
+    latents, labels = torch.cat(latents), torch.cat(labels).long()
+    return all_gather_rows(latents, world).cpu(), all_gather_rows(labels, world).cpu()
 
 
-def load_or_encode(codec, dataset_fn, args, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def load_or_encode(codec, dataset_fn, args, split: str, device: torch.device, rank: int = 0,
+                   world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached latents and labels of a split; `dataset_fn()` builds the dataset only when needed.
 
     Pixel space (no cache directory) encodes in memory every time: it is just the images.
+    Under torchrun the ranks share the encoding and rank 0 writes the cache.
     """
     if codec.cache_dir is None:
-        return encode_dataset(codec, dataset_fn(), device)
+        return encode_dataset(codec, dataset_fn(), device, rank=rank, world=world)
     key = cache_key(args, split, codec)
     path = cache_path(codec, key)
     if path.is_file():
         with safe_open(str(path), "pt") as f:
             if json.loads(f.metadata().get("key", "{}")) == key:
                 return f.get_tensor("latents"), f.get_tensor("labels")
-    latents, labels = encode_dataset(codec, dataset_fn(), device)
-    tensors = {"latents": latents.contiguous(), "labels": labels}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True)}))
-    print(f"cached {len(latents)} latents in {path}")
+    latents, labels = encode_dataset(codec, dataset_fn(), device, rank=rank, world=world)
+    if rank == 0:
+        tensors = {"latents": latents.contiguous(), "labels": labels}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True)}))
+        print(f"cached {len(latents)} latents in {path}")
     return latents, labels

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -33,7 +34,9 @@ from flow import COUPLINGS, SOLVERS, TIME_SAMPLINGS, couple, ddpm_loss, flow_mat
 from latent_cache import load_or_encode
 from neural_models import build_unet, conditional_model, load_codec, unet_config
 from runs import METHODS, build_prior, decode_grid, sampling_scheduler, save_unet, training_scheduler
-from training_utils import UserError, autocast, cli_entry, pick_device, read_json, seed_everything, write_json
+from training_utils import (
+    UserError, all_gather_rows, autocast, cli_entry, init_distributed, pick_device, read_json, seed_everything, write_json,
+)
 
 # Config entries that must match to resume a run: they define the model and the problem.
 RESUME_KEYS = ("method", "coupling", "latent_shape", "num_classes", "unet", "codec", "prior_dir")
@@ -64,7 +67,7 @@ def _unet_flag_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path:
+def check_output_dir(args: argparse.Namespace, config: dict) -> Path:
     """A fresh run needs an unused folder; a resumed one needs the same model and problem."""
     out = Path(args.output_dir)
     saved = out / "config.json"
@@ -77,20 +80,20 @@ def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path:
         diff = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
         if diff:
             raise UserError(f"cannot resume {out}: its {', '.join(diff)} differ from this command's")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved, config)
     return out
 
 
-def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The data indices of a step: epoch e visits a permutation seeded by (seed, e).
+def batch_indices(step: int, num_items: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's data indices at a step: epoch e visits a permutation seeded by (seed, e).
 
-    The data order is a function of the step alone, so a resumed run sees the same batches.
+    The data order is a function of the step alone, so a resumed run sees the same batches;
+    under DDP the global batch of batch_size x world is split between the ranks.
     """
-    per_epoch = num_items // batch_size
-    epoch, i = divmod(step, per_epoch)
+    global_batch = batch_size * world
+    epoch, i = divmod(step, num_items // global_batch)
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[i * batch_size:(i + 1) * batch_size]
+    start = i * global_batch + rank * batch_size
+    return perm[start:start + batch_size]
 
 
 class StopSignal:
@@ -105,12 +108,22 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
-def training_loss(config, unet, prior, ddpm_scheduler, x1, labels) -> tuple[torch.Tensor, float]:
+def couple_across_ranks(x0, x1, labels, coupling: str, world: int) -> torch.Tensor:
+    """One assignment for the global batch (--ot_global): every rank solves the same problem
+    on the gathered batch and keeps its own rows, so no plan is limited to one GPU's batch."""
+    if world == 1:
+        return couple(x0, x1, labels, coupling)
+    rank, n = dist.get_rank(), len(x1)
+    paired = couple(*(all_gather_rows(t.contiguous(), world) for t in (x0, x1, labels)), coupling)
+    return paired[rank * n:(rank + 1) * n]
+
+
+def training_loss(config, unet, prior, ddpm_scheduler, x1, labels, ot_world: int = 1) -> tuple[torch.Tensor, float]:
     """One batch's loss and the mean |x1 - x0|^2 of the pairs it trained on."""
     null = torch.full_like(labels, config["num_classes"])
     dropped = torch.rand(len(labels), device=labels.device) < config["cfg_dropout"]
     model = conditional_model(unet, {"class_labels": torch.where(dropped, null, labels)})
-    x0 = couple(prior.sample(labels), x1, labels, config["coupling"])
+    x0 = couple_across_ranks(prior.sample(labels), x1, labels, config["coupling"], ot_world)
     cost = (x1 - x0).flatten(1).pow(2).sum(1).mean().item()
     if config["method"] == "ddpm":
         return ddpm_loss(model, x0, x1, ddpm_scheduler), cost
@@ -134,9 +147,35 @@ def validation_grid(config, unet, ema, prior, codec, path: Path, device) -> None
     ema.restore(unet.parameters())
 
 
+def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, device, rank: int, world: int) -> int:
+    """Restore a checkpoint into the training objects; returns its step."""
+    state = load_checkpoint(path, device)
+    try:
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
+    ema.to(device)
+    if len(state["rng"]) == world:  # one RNG state per rank; another world size reseeds instead
+        set_rng_state(state["rng"][rank])
+    return state["step"]
+
+
+def any_rank(flag: bool, world: int, device) -> bool:
+    """True when the flag is set on any rank, so that every rank takes the same branch."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 @cli_entry
 def main(args: argparse.Namespace) -> dict:
-    seed_everything(args.seed)
+    rank, world = init_distributed()
+    seed_everything(args.seed + rank)  # each rank draws its own noise; the data order uses args.seed
     device = pick_device(args.device)
     train_set = dataset_from_args(args, "train")
     if train_set.conditioning != "class":
@@ -147,84 +186,96 @@ def main(args: argparse.Namespace) -> dict:
     # As in diffusers' scripts, `latest` with no checkpoint yet starts a fresh run.
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint, required=args.resume_from_checkpoint != "latest") \
         if args.resume_from_checkpoint else None
-    out = prepare_output_dir(args, config)
+    out = check_output_dir(args, config)
+    if world > 1:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config)
 
-    latents, labels = load_or_encode(codec, lambda: train_set, args, "train", device)
+    latents, labels = load_or_encode(codec, lambda: train_set, args, "train", device, rank, world)
     latents, labels = latents.to(device), labels.to(device)
-    if len(latents) < args.batch_size:
-        raise UserError(f"--batch_size {args.batch_size} exceeds the {len(latents)} training samples")
-    steps_per_epoch = len(latents) // args.batch_size
-    max_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
+    if len(latents) < args.batch_size * world:
+        raise UserError(f"--batch_size {args.batch_size} x {world} processes exceeds the {len(latents)} training samples")
+    max_steps = args.max_steps or args.num_train_epochs * (len(latents) // (args.batch_size * world))
 
     unet = build_unet(config["unet"]).to(device).train()
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
     ddpm_scheduler = training_scheduler(config)
-
-    step = 0
-    if resume:
-        state = load_checkpoint(resume, device)
-        try:
-            unet.load_state_dict(state["unet"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise UserError(f"checkpoint {resume} does not fit this model: {str(err).splitlines()[0]}") from None
-        ema.to(device)
-        set_rng_state(state["rng"])
-        step = state["step"]
+    step = load_training_state(resume, unet, ema, optimizer, lr_scheduler, device, rank, world) if resume else 0
+    if resume and rank == 0:
         print(f"resumed from {resume} at step {step}")
+    # DDP keeps the parameters identical on every rank, so each rank's EMA is the same too.
+    model = DistributedDataParallel(unet) if world > 1 else unet
+    model = torch.compile(model) if args.compile else model
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Path | None:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank > 0:
+            return None
         state = dict(unet=unet.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                     lr_scheduler=lr_scheduler.state_dict(), step=step, rng=rng_state())
+                     lr_scheduler=lr_scheduler.state_dict(), step=step, rng=rngs)
         return save_checkpoint(out, state, step, args.checkpoints_total_limit)
 
     stop = StopSignal()
     log, last_log = [], time.perf_counter()
-    progress = tqdm(total=max_steps, initial=step, desc=args.method)
-    with open(out / "metrics.jsonl", "a" if resume else "w") as metrics_file:
-        while step < max_steps:
-            idx = batch_indices(step, len(latents), args.batch_size, args.seed)
-            with autocast(device, args.mixed_precision):
-                loss, cost = training_loss(config, unet, prior, ddpm_scheduler, latents[idx], labels[idx])
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {step + 1}; stopped without updating the weights "
-                                f"(the checkpoints in {out / 'checkpoints'} are intact)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)  # before the step
-            optimizer.step()
-            lr_scheduler.step()
-            ema.step(unet.parameters())
-            step += 1
-            progress.update()
-            log.append((loss.item(), cost))
+    progress = tqdm(total=max_steps, initial=step, desc=args.method, disable=rank > 0)
+    metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if rank == 0 else None
+    while step < max_steps:
+        idx = batch_indices(step, len(latents), args.batch_size, args.seed, rank, world)
+        with autocast(device, args.mixed_precision):
+            loss, cost = training_loss(config, model, prior, ddpm_scheduler, latents[idx], labels[idx],
+                                       world if args.ot_global else 1)
+        if any_rank(not torch.isfinite(loss).item(), world, device):
+            raise UserError(f"loss is not finite ({loss.item()}) at step {step + 1}; stopped without updating the "
+                            f"weights (the checkpoints in {out / 'checkpoints'} are intact)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)  # before the step
+        optimizer.step()
+        lr_scheduler.step()
+        ema.step(unet.parameters())
+        step += 1
+        progress.update()
+        log.append((loss.item(), cost))
 
-            if step % args.logging_steps == 0 or step == max_steps:
-                now = time.perf_counter()
-                row = dict(step=step, loss=sum(l for l, _ in log) / len(log), coupling_cost=sum(c for _, c in log) / len(log),
-                           lr=lr_scheduler.get_last_lr()[0], steps_per_sec=len(log) / (now - last_log))
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                progress.set_postfix(loss=f"{row['loss']:.4f}")
-                log, last_log = [], now
-            if args.validation_steps and (step % args.validation_steps == 0 or step == max_steps):
-                validation_grid(config, unet, ema, prior, codec, out / f"samples-{step:08d}.png", device)
-            if step % args.checkpointing_steps == 0 or step == max_steps:
-                checkpoint()
-            if stop.received:
-                path = checkpoint()
-                print(f"{stop.received} received: saved {path} at step {step}; resume with --resume_from_checkpoint latest")
-                return {"step": step, "stopped": stop.received}
+        if rank == 0 and (step % args.logging_steps == 0 or step == max_steps):
+            now = time.perf_counter()
+            row = dict(step=step, loss=sum(l for l, _ in log) / len(log), coupling_cost=sum(c for _, c in log) / len(log),
+                       lr=lr_scheduler.get_last_lr()[0], steps_per_sec=len(log) / (now - last_log))
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            progress.set_postfix(loss=f"{row['loss']:.4f}")
+            log, last_log = [], now
+        if rank == 0 and args.validation_steps and (step % args.validation_steps == 0 or step == max_steps):
+            validation_grid(config, unet, ema, prior, codec, out / f"samples-{step:08d}.png", device)
+        stopping = any_rank(stop.received is not None, world, device)
+        if step % args.checkpointing_steps == 0 or step == max_steps or stopping:
+            path = checkpoint()
+        if stopping:
+            if rank == 0:
+                print(f"{stop.received or 'stop'} received: saved {path} at step {step}; "
+                      "resume with --resume_from_checkpoint latest")
+            return {"step": step, "stopped": True}
     progress.close()
 
-    ema.copy_to(unet.parameters())
-    save_unet(unet, out / "unet")
-    print(f"done: {step} steps; EMA network in {out / 'unet'}, metrics in {out / 'metrics.jsonl'}")
+    if rank == 0:
+        metrics_file.close()
+        ema.copy_to(unet.parameters())
+        save_unet(unet, out / "unet")
+        print(f"done: {step} steps; EMA network in {out / 'unet'}, metrics in {out / 'metrics.jsonl'}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return {"step": step, "output_dir": str(out)}
 
 
@@ -257,6 +308,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--ema_decay", type=float, default=0.999)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--mixed_precision", default="bf16", choices=("bf16", "no"), help="bf16 autocast on CUDA only")
+    t.add_argument("--compile", action="store_true", help="torch.compile the network")
+    t.add_argument("--ot_global", action="store_true",
+                   help="under torchrun, solve BatchOT on the batch gathered from all ranks, not per GPU")
     t.add_argument("--device", default=None)
     c = parser.add_argument_group("checkpoints and logging")
     c.add_argument("--checkpointing_steps", type=int, default=500)

@@ -19,7 +19,7 @@ from dataset import add_dataset_args, dataset_from_args
 from flow import COVARIANCES, ClassGaussianPrior, independent_transport_cost
 from latent_cache import load_or_encode
 from neural_models import load_codec
-from training_utils import UserError, cli_entry, pick_device
+from training_utils import UserError, cli_entry, init_distributed, pick_device
 
 
 def transport_costs(prior: ClassGaussianPrior, latents: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -31,14 +31,18 @@ def transport_costs(prior: ClassGaussianPrior, latents: torch.Tensor, labels: to
 
 
 def fit_class_prior(args: argparse.Namespace) -> dict:
+    """Under torchrun the ranks share the encoding, then each fits on all latents: the same prior."""
+    rank, world = init_distributed()
     device = pick_device(args.device)
     probe = dataset_from_args(args, "train")
     if probe.conditioning != "class":
         raise UserError(f"--condition class needs a class-labelled dataset; {args.dataset} has captions")
     codec = load_codec(args.vqvae_directory, probe.channels, args.image_size)
-    latents, labels = load_or_encode(codec, lambda: probe, args, "train", device)
+    latents, labels = load_or_encode(codec, lambda: probe, args, "train", device, rank, world)
     prior = ClassGaussianPrior.fit(latents, labels, probe.num_classes, args.covariance, args.rank, args.shrinkage)
     report = transport_costs(prior, latents, labels)
+    if rank > 0:
+        return report
     prior.save(args.output_dir, dict(
         codec=codec.fingerprint, dataset=args.dataset, image_size=args.image_size,
         vqvae_directory=args.vqvae_directory, num_train_latents=len(latents), **report,

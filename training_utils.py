@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -34,14 +35,42 @@ def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA when available (with TF32 matmuls), else CPU."""
+    """CUDA when available (with TF32 matmuls; this process's GPU under torchrun), else CPU."""
     if requested:
         return torch.device(requested)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return torch.device("cuda")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group when launched by torchrun, else (0, 1).
+
+    nccl on GPU, gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def all_gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Concatenate every rank's rows (in rank order); rows may differ in number across ranks."""
+    if world == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    most = max(int(s) for s in sizes)
+    padded = torch.cat([x, x.new_zeros(most - len(x), *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
 
 def autocast(device: torch.device, mixed_precision: str = "bf16"):

@@ -47,10 +47,13 @@ def run_script(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit status 2, one `error:` line on stderr naming the problem, and no traceback."""
+    """Exit status 2, one error line on stderr naming the problem, and no traceback.
+
+    Our own errors read `error: ...`; argparse's read `script.py: error: ...` after its usage line.
+    """
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+    lines = [l for l in result.stderr.strip().splitlines() if "error:" in l]
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

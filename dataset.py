@@ -1,8 +1,10 @@
 """Datasets behind one builder: `build_dataset(name, split, data_dir, image_size, ...)`.
 
 Every dataset yields images scaled to [-1, 1] as float tensors (C, H, W), paired with an int
-class label (`mnist`, `imagefolder`, `imagenet64`) or a caption string (`coco`). Each exposes
-`num_classes` (0 for captions), `channels`, and `conditioning` ("class" or "text").
+class label (`mnist`, `imagefolder`, `imagenet64`) or a caption string (`coco`, `captionfolder`,
+and `mnist` with condition="text", whose captions are built from the labels). Each exposes
+`num_classes` (0 for captions), `channels`, and `conditioning` ("class" or "text"); caption
+datasets also expose `captions`, every caption of every item, and yield a random one of them.
 Bad data raises `DataError` (a UserError) naming the path and the problem.
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ from torchvision import transforms
 
 from training_utils import UserError
 
-DATASETS = ("mnist", "imagefolder", "imagenet64", "coco")
+DATASETS = ("mnist", "imagefolder", "imagenet64", "coco", "captionfolder")
+CONDITIONS = ("class", "text")
 SPLITS = ("train", "test")
 
 
@@ -225,6 +228,92 @@ class CocoCaptions(Dataset):
         self.items = [self.items[i] for i in indices]
         return self
 
+    @property
+    def captions(self) -> list[list[str]]:
+        return [caps for _, caps in self.items]
+
+
+class CaptionFolder(Dataset):
+    """Your own captioned images: `metadata.jsonl` lines {"file_name": ..., "text": ...} (the
+    Hugging Face imagefolder convention), or a `.txt` beside each image with one caption per line."""
+
+    conditioning = "text"
+    num_classes = 0
+    channels = 3
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+    def __init__(self, root: Path, image_size: int):
+        metadata = root / "metadata.jsonl"
+        captions: dict[Path, list[str]] = {}
+        if metadata.is_file():
+            for n, line in enumerate(metadata.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    captions.setdefault(root / row["file_name"], []).append(str(row.get("text", row.get("caption"))))
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise DataError(f"malformed line {n} of {metadata}: {err!r}") from None
+        else:
+            for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in self.EXTENSIONS):
+                text = image.with_suffix(".txt")
+                if text.is_file():
+                    captions[image] = [l.strip() for l in text.read_text().splitlines() if l.strip()]
+        self.items = [(path, caps) for path, caps in captions.items() if caps]
+        self.transform = image_transform(image_size)
+
+    __len__ = CocoCaptions.__len__
+    __getitem__ = CocoCaptions.__getitem__
+    subset = CocoCaptions.subset
+
+    @property
+    def captions(self) -> list[list[str]]:
+        return [caps for _, caps in self.items]
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Training wordings, and wordings kept out of training to test generalisation to new phrasing.
+MNIST_TEMPLATES = {
+    "train": ("a handwritten digit {d}", "the number {w}", "a picture of the digit {w}", "{d}",
+              "handwritten {w}", "the digit {d} written by hand"),
+    "heldout": ("an image showing the numeral {w}", "digit {d}, drawn in ink"),
+}
+
+
+def digit_captions(label: int, wording: str = "train") -> list[str]:
+    return [t.format(d=label, w=DIGIT_WORDS[label]) for t in MNIST_TEMPLATES[wording]]
+
+
+class CaptionedDigits(Dataset):
+    """MNIST with captions built from its labels (training wordings); `labels` stay for evaluation."""
+
+    conditioning = "text"
+    num_classes = 0
+
+    def __init__(self, digits: ArrayImageDataset):
+        self.digits = digits
+        self.channels = digits.channels
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.digits.labels
+
+    @property
+    def captions(self) -> list[list[str]]:
+        table = [digit_captions(d) for d in range(10)]
+        return [table[y] for y in self.digits.labels.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image, label = self.digits[index]
+        return image, random.choice(digit_captions(label))
+
+    def subset(self, indices: np.ndarray) -> "CaptionedDigits":
+        self.digits.subset(indices)
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # The builder
@@ -247,14 +336,21 @@ def build_dataset(
     image_size: int = 32,
     max_samples: int | None = None,
     seed: int = 0,
+    condition: str | None = None,
 ) -> Dataset:
-    """Build a dataset split. `max_samples` keeps a seeded random subset of that size."""
+    """Build a dataset split. `max_samples` keeps a seeded random subset of that size.
+
+    condition="text" gives MNIST captions built from its labels; other class datasets have none.
+    With a condition given, a dataset that cannot provide it is an error; None takes the native one.
+    """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if name == "mnist":
         dataset = ArrayImageDataset(*load_mnist_arrays(split, data_dir), num_classes=10, image_size=image_size)
+        if condition == "text":
+            dataset = CaptionedDigits(dataset)
     else:
         if not data_dir:
             raise DataError(f"--data_dir is required for the {name} dataset")
@@ -265,9 +361,14 @@ def build_dataset(
             dataset = ImageFolderDataset(_split_folder(root, split, ("train",) if split == "train" else ("val", "test")), image_size)
         elif name == "imagenet64":
             dataset = ArrayImageDataset(*load_imagenet64_arrays(root, split), num_classes=1000, image_size=image_size)
+        elif name == "captionfolder":
+            dataset = CaptionFolder(_split_folder(root, split, ("train",) if split == "train" else ("test", "val")), image_size)
         else:
             tag = "train2017" if split == "train" else "val2017"
             dataset = CocoCaptions(root / "annotations" / f"captions_{tag}.json", root / tag, image_size)
+    if condition and dataset.conditioning != condition:
+        raise DataError(f"the {name} dataset has no {'captions' if condition == 'text' else 'class labels'} "
+                        f"for --condition {condition}")
     if len(dataset) == 0:
         raise DataError(f"the {name} {split} split in {data_dir or 'the installed package'} is empty")
     if max_samples is not None and max_samples < len(dataset):
@@ -283,8 +384,10 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data_dir", default=None, help="dataset root (not needed for mnist)")
     group.add_argument("--image_size", type=int, default=32, help="images are padded or resized to this size")
     group.add_argument("--max_train_samples", type=int, default=None, help="truncate the training split (seeded random subset)")
+    group.add_argument("--condition", default="class", choices=CONDITIONS,
+                       help="class labels, or captions (MNIST's are built from its labels)")
 
 
 def dataset_from_args(args: argparse.Namespace, split: str = "train") -> Dataset:
     max_samples = args.max_train_samples if split == "train" else None
-    return build_dataset(args.dataset, split, args.data_dir, args.image_size, max_samples)
+    return build_dataset(args.dataset, split, args.data_dir, args.image_size, max_samples, condition=args.condition)

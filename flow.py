@@ -177,6 +177,50 @@ def _class_statistics(x: torch.Tensor, c: int, covariance: str, rank: int, shrin
     return {"means": mean, "factor": factor, "std": ((1 - shrinkage) * residual + shrinkage * m).sqrt()}
 
 
+class MapperPrior:
+    """The text prior: x0 = mapper(text[, z]) + sigma * eps (the paper's sigma is 0.7).
+
+    With the noise-projector variant (dim_z > 0), z is drawn per dimension from a Gaussian
+    fitted to the bank of codes learned in training.
+    """
+
+    def __init__(self, mapper: torch.nn.Module, sigma: float, z_bank: torch.Tensor | None = None):
+        self.mapper, self.sigma = mapper.eval(), sigma
+        self.latent_shape = tuple(mapper.config.latent_shape)
+        self.z_mean = z_bank.mean(0) if z_bank is not None else None
+        self.z_std = z_bank.std(0) if z_bank is not None else None
+
+    def to(self, device: torch.device | str) -> "MapperPrior":
+        self.mapper.to(device)
+        if self.z_mean is not None:
+            self.z_mean, self.z_std = self.z_mean.to(device), self.z_std.to(device)
+        return self
+
+    def draw_z(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        if self.z_mean is None:
+            return None
+        return self.z_mean + self.z_std * torch.randn(n, len(self.z_mean), generator=generator, device=device)
+
+    @torch.no_grad()
+    def sample(self, text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean = self.mapper(text, self.draw_z(len(text), text.device, generator))
+        return mean + self.sigma * torch.randn(mean.shape, generator=generator, device=text.device)
+
+    @classmethod
+    def load(cls, directory: str | Path, sigma: float | None = None) -> "MapperPrior":
+        from neural_models import TextMapper
+
+        directory = Path(directory)
+        if not (directory / "prior.json").is_file() or not (directory / "mapper" / "config.json").is_file():
+            raise UserError(f"no text prior in {directory}: expected prior.json and mapper/ (train_mapper.py --condition text)")
+        config = json.loads((directory / "prior.json").read_text())
+        bank = load_file(directory / "z_final.safetensors")["z"] if config.get("dim_z") else None
+        prior = cls(TextMapper.from_pretrained(directory / "mapper", low_cpu_mem_usage=False),
+                    config["sigma"] if sigma is None else sigma, bank)
+        prior.config = config
+        return prior
+
+
 def independent_transport_cost(x1: torch.Tensor, x0_mean: torch.Tensor, x0_trace: torch.Tensor) -> float:
     """E|x1 - x0|^2 under independent pairing: |x1 - E x0|^2 + tr Cov(x0), averaged over x1."""
     return ((x1 - x0_mean).flatten(1).pow(2).sum(1) + x0_trace).mean().item()

@@ -1,7 +1,11 @@
-"""Train a class-conditional flow in latent space: the conditional prior (cpd) or a baseline.
+"""Train a conditional flow in latent space: the conditional prior (cpd) or a baseline.
 
     python train.py --method cpd --prior_dir runs/prior-mnist --vqvae_directory runs/vqvae-mnist \
         --output_dir runs/cpd-mnist --max_steps 2000
+    python train.py --condition text --method cpd --prior_dir runs/mapper-mnist ...   # captions
+
+With --condition text the network is a UNet2DConditionModel with cross-attention on the text
+encoder's token states, and cpd's prior is the mapper's point plus sigma noise.
 
 Methods share the network, optimiser and budget, and differ only in where x0 comes from:
   cpd      x0 from the class-conditional Gaussian prior (train_mapper.py), independent pairs
@@ -31,35 +35,54 @@ from tqdm import tqdm
 from checkpoints import load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dataset import add_dataset_args, dataset_from_args
 from flow import COUPLINGS, SOLVERS, TIME_SAMPLINGS, couple, ddpm_loss, flow_matching_loss, generate
-from latent_cache import load_or_encode
-from neural_models import build_unet, conditional_model, load_codec, unet_config
-from runs import METHODS, build_prior, decode_grid, sampling_scheduler, save_unet, training_scheduler
+from latent_cache import caption_table, load_or_encode, load_or_encode_text
+from neural_models import build_unet, conditional_model, load_codec, load_text_encoder, text_unet_config, unet_config
+from runs import (
+    METHODS, ClassConditioning, TextConditioning, build_prior, decode_grid, sampling_scheduler, save_unet, training_scheduler,
+)
 from training_utils import (
     UserError, all_gather_rows, autocast, cli_entry, init_distributed, pick_device, read_json, seed_everything, write_json,
 )
 
 # Config entries that must match to resume a run: they define the model and the problem.
-RESUME_KEYS = ("method", "coupling", "latent_shape", "num_classes", "unet", "codec", "prior_dir")
+RESUME_KEYS = ("method", "condition", "coupling", "latent_shape", "num_classes", "unet", "codec", "prior_dir",
+               "text_encoder")
 
 
-def run_config(args: argparse.Namespace, codec, dataset) -> dict:
+def run_config(args: argparse.Namespace, codec, dataset, text_dim: int | None = None) -> dict:
     config = vars(args).copy()
+    overrides = args.unet_config or _unet_flag_overrides(args, cross_attention=text_dim is not None)
     config.update(
         coupling=args.coupling or METHODS[args.method],
+        sigma=args.sigma if args.sigma is not None else (0.7 if args.condition == "text" else 1.0),
         latent_shape=list(codec.latent_shape),
         num_classes=dataset.num_classes,
         channels=dataset.channels,
         codec=codec.fingerprint,
-        unet=unet_config(codec.latent_shape, dataset.num_classes, args.unet_config or _unet_flag_overrides(args)),
+        unet=text_unet_config(codec.latent_shape, text_dim, overrides) if text_dim
+        else unet_config(codec.latent_shape, dataset.num_classes, overrides),
     )
+    if args.condition == "class":
+        config["text_encoder"] = None
     return config
 
 
-def _unet_flag_overrides(args: argparse.Namespace) -> dict:
+def build_conditioning(args, dataset, labels: torch.Tensor, codec, device):
+    """Class labels, or (for captions) the cached caption encodings and each item's caption ids."""
+    if args.condition == "class":
+        return ClassConditioning(labels, dataset.num_classes), None
+    encoder = load_text_encoder(args.text_encoder, device)
+    captions, ids, spans = caption_table(dataset.captions)
+    table = load_or_encode_text(encoder, captions, codec.cache_dir)
+    table = {k: v.to(device) for k, v in table.items()}
+    return TextConditioning(table, ids.to(device), spans[labels.cpu()].to(device)), encoder.dim
+
+
+def _unet_flag_overrides(args: argparse.Namespace, cross_attention: bool = False) -> dict:
     overrides = {}
     if args.block_out_channels:
         channels = [int(c) for c in args.block_out_channels.split(",")]
-        attn = ["DownBlock2D"] * (len(channels) - 1) + ["AttnDownBlock2D"]
+        attn = ["DownBlock2D"] * (len(channels) - 1) + ["CrossAttnDownBlock2D" if cross_attention else "AttnDownBlock2D"]
         overrides.update(block_out_channels=channels, down_block_types=attn,
                          up_block_types=[b.replace("Down", "Up") for b in reversed(attn)])
     if args.layers_per_block:
@@ -118,12 +141,15 @@ def couple_across_ranks(x0, x1, labels, coupling: str, world: int) -> torch.Tens
     return paired[rank * n:(rank + 1) * n]
 
 
-def training_loss(config, unet, prior, ddpm_scheduler, x1, labels, ot_world: int = 1) -> tuple[torch.Tensor, float]:
-    """One batch's loss and the mean |x1 - x0|^2 of the pairs it trained on."""
-    null = torch.full_like(labels, config["num_classes"])
-    dropped = torch.rand(len(labels), device=labels.device) < config["cfg_dropout"]
-    model = conditional_model(unet, {"class_labels": torch.where(dropped, null, labels)})
-    x0 = couple_across_ranks(prior.sample(labels), x1, labels, config["coupling"], ot_world)
+def training_loss(config, unet, prior, ddpm_scheduler, x1, conditioning, idx, ot_world: int = 1) -> tuple[torch.Tensor, float]:
+    """One batch's loss and the mean |x1 - x0|^2 of the pairs it trained on.
+
+    The prior always sees the true condition; guidance dropout hides it from the network only,
+    as at sampling time, where both branches start from the same prior sample.
+    """
+    cond, prior_input, groups = conditioning.draw(idx, config["cfg_dropout"])
+    model = conditional_model(unet, cond)
+    x0 = couple_across_ranks(prior.sample(prior_input), x1, groups, config["coupling"], ot_world)
     cost = (x1 - x0).flatten(1).pow(2).sum(1).mean().item()
     if config["method"] == "ddpm":
         return ddpm_loss(model, x0, x1, ddpm_scheduler), cost
@@ -131,16 +157,17 @@ def training_loss(config, unet, prior, ddpm_scheduler, x1, labels, ot_world: int
 
 
 @torch.no_grad()
-def validation_grid(config, unet, ema, prior, codec, path: Path, device) -> None:
-    """EMA samples at --num_steps NFE, one row per class, from a fixed generator."""
+def validation_grid(config, unet, ema, prior, conditioning, codec, path: Path, device) -> None:
+    """EMA samples at --num_steps NFE from a fixed generator: a row per class, or per caption
+    (the first distinct training captions)."""
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())
     unet.eval()
-    classes = min(config["num_classes"], 10)
-    labels = torch.arange(classes, device=device).repeat_interleave(8)
-    x0 = prior.sample(labels, generator=torch.Generator(device).manual_seed(config["seed"]))
-    model = conditional_model(unet, {"class_labels": labels}, {"class_labels": torch.full_like(labels, config["num_classes"])},
-                              config["cfg_scale"])
+    rows = min(config["num_classes"], 10) if config["condition"] == "class" else min(len(conditioning.table["pooled"]) - 1, 10)
+    first = 0 if config["condition"] == "class" else 1  # caption 0 is the empty one
+    cond, null, prior_input = conditioning.for_sampling(torch.arange(first, first + rows, device=device).repeat_interleave(8))
+    x0 = prior.sample(prior_input, generator=torch.Generator(device).manual_seed(config["seed"]))
+    model = conditional_model(unet, cond, null, config["cfg_scale"])
     x1, _, _ = generate(model, x0, config["method"], config["num_steps"], config["solver"], sampling_scheduler(config))
     save_image(decode_grid(codec, x1), path, nrow=8)
     unet.train()
@@ -178,10 +205,11 @@ def main(args: argparse.Namespace) -> dict:
     seed_everything(args.seed + rank)  # each rank draws its own noise; the data order uses args.seed
     device = pick_device(args.device)
     train_set = dataset_from_args(args, "train")
-    if train_set.conditioning != "class":
-        raise UserError(f"the {args.dataset} dataset has captions: text conditioning is not implemented yet")
     codec = load_codec(args.vqvae_directory, train_set.channels, args.image_size)
-    config = run_config(args, codec, train_set)
+    latents, labels = load_or_encode(codec, lambda: train_set, args, "train", device, rank, world)
+    latents, labels = latents.to(device), labels.to(device)
+    conditioning, text_dim = build_conditioning(args, train_set, labels, codec, device)
+    config = run_config(args, codec, train_set, text_dim)
     prior = build_prior(config, codec, device)
     # As in diffusers' scripts, `latest` with no checkpoint yet starts a fresh run.
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint, required=args.resume_from_checkpoint != "latest") \
@@ -193,8 +221,6 @@ def main(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config)
 
-    latents, labels = load_or_encode(codec, lambda: train_set, args, "train", device, rank, world)
-    latents, labels = latents.to(device), labels.to(device)
     if len(latents) < args.batch_size * world:
         raise UserError(f"--batch_size {args.batch_size} x {world} processes exceeds the {len(latents)} training samples")
     max_steps = args.max_steps or args.num_train_epochs * (len(latents) // (args.batch_size * world))
@@ -233,7 +259,7 @@ def main(args: argparse.Namespace) -> dict:
     while step < max_steps:
         idx = batch_indices(step, len(latents), args.batch_size, args.seed, rank, world)
         with autocast(device, args.mixed_precision):
-            loss, cost = training_loss(config, model, prior, ddpm_scheduler, latents[idx], labels[idx],
+            loss, cost = training_loss(config, model, prior, ddpm_scheduler, latents[idx], conditioning, idx,
                                        world if args.ot_global else 1)
         if any_rank(not torch.isfinite(loss).item(), world, device):
             raise UserError(f"loss is not finite ({loss.item()}) at step {step + 1}; stopped without updating the "
@@ -257,7 +283,7 @@ def main(args: argparse.Namespace) -> dict:
             progress.set_postfix(loss=f"{row['loss']:.4f}")
             log, last_log = [], now
         if rank == 0 and args.validation_steps and (step % args.validation_steps == 0 or step == max_steps):
-            validation_grid(config, unet, ema, prior, codec, out / f"samples-{step:08d}.png", device)
+            validation_grid(config, unet, ema, prior, conditioning, codec, out / f"samples-{step:08d}.png", device)
         stopping = any_rank(stop.received is not None, world, device)
         if step % args.checkpointing_steps == 0 or step == max_steps or stopping:
             path = checkpoint()
@@ -285,7 +311,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser.add_argument_group("method")
     p.add_argument("--method", default="cpd", choices=tuple(METHODS))
     p.add_argument("--prior_dir", default=None, help="train_mapper.py output (cpd only)")
-    p.add_argument("--sigma", type=float, default=1.0, help="scale of the prior's covariance factor (cpd)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="cpd prior noise scale: the class covariance factor's (default 1) or the text prior's (default 0.7)")
+    p.add_argument("--text_encoder", "--clip_model_name", default="minilm",
+                   help="captions: minilm (shipped, offline) or a CLIP hub name / local folder")
     p.add_argument("--coupling", default=None, choices=COUPLINGS, help="override the method's coupling")
     p.add_argument("--sigma_min", type=float, default=0.01, help="noise added to x_t, as in the paper's code")
     p.add_argument("--time_sampling", default="uniform", choices=TIME_SAMPLINGS)

@@ -53,7 +53,7 @@ def test_train_vqvae_saves_a_loadable_model_with_a_report(tmp_path):
 
 
 def cache_args(**kw):
-    base = dict(dataset="mnist", data_dir=None, image_size=16, max_train_samples=40)
+    base = dict(dataset="mnist", data_dir=None, image_size=16, max_train_samples=40, condition="class")
     return argparse.Namespace(**{**base, **kw})
 
 

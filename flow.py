@@ -207,15 +207,22 @@ class MapperPrior:
         return mean + self.sigma * torch.randn(mean.shape, generator=generator, device=text.device)
 
     @classmethod
-    def load(cls, directory: str | Path, sigma: float | None = None) -> "MapperPrior":
+    def load(cls, directory: str | Path, sigma: float | None = None, mapper_path: str | None = None,
+             z_path: str | None = None) -> "MapperPrior":
+        """train_mapper.py's output; mapper_path / z_path (the paper's --weights_projector_path
+        and --load_z) take the mapper and the code bank from elsewhere."""
         from neural_models import TextMapper
 
         directory = Path(directory)
-        if not (directory / "prior.json").is_file() or not (directory / "mapper" / "config.json").is_file():
-            raise UserError(f"no text prior in {directory}: expected prior.json and mapper/ (train_mapper.py --condition text)")
+        mapper_path, z_path = Path(mapper_path or directory / "mapper"), Path(z_path or directory / "z_final.safetensors")
+        if not (directory / "prior.json").is_file() or not (mapper_path / "config.json").is_file():
+            raise UserError(f"no text prior in {directory}: expected prior.json and a mapper folder "
+                            "(train_mapper.py --condition text)")
         config = json.loads((directory / "prior.json").read_text())
-        bank = load_file(directory / "z_final.safetensors")["z"] if config.get("dim_z") else None
-        prior = cls(TextMapper.from_pretrained(directory / "mapper", low_cpu_mem_usage=False),
+        if config.get("dim_z") and not z_path.is_file():
+            raise UserError(f"the mapper takes a {config['dim_z']}-dim code but the bank {z_path} is missing")
+        bank = load_file(z_path)["z"] if config.get("dim_z") else None
+        prior = cls(TextMapper.from_pretrained(mapper_path, low_cpu_mem_usage=False),
                     config["sigma"] if sigma is None else sigma, bank)
         prior.config = config
         return prior

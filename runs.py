@@ -74,7 +74,8 @@ def build_prior(config: dict, codec, device: torch.device):
     if config["method"] != "cpd":
         return StandardNormalPrior(codec.latent_shape)
     if config["condition"] == "text":
-        prior = MapperPrior.load(config["prior_dir"], sigma=config["sigma"])
+        prior = MapperPrior.load(config["prior_dir"], config["sigma"], config.get("weights_projector_path"),
+                                 config.get("load_z"))
         if prior.config.get("text_encoder") != config["text_encoder"]:
             raise UserError(f"the mapper in {config['prior_dir']} reads {prior.config.get('text_encoder')!r} embeddings, "
                             f"but this run uses {config['text_encoder']!r}")

@@ -313,6 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior_dir", default=None, help="train_mapper.py output (cpd only)")
     p.add_argument("--sigma", type=float, default=None,
                    help="cpd prior noise scale: the class covariance factor's (default 1) or the text prior's (default 0.7)")
+    p.add_argument("--weights_projector_path", default=None, help="text cpd: a mapper folder other than <prior_dir>/mapper")
+    p.add_argument("--load_z", default=None, help="text cpd: a code bank other than <prior_dir>/z_final.safetensors")
     p.add_argument("--text_encoder", "--clip_model_name", default="minilm",
                    help="captions: minilm (shipped, offline) or a CLIP hub name / local folder")
     p.add_argument("--coupling", default=None, choices=COUPLINGS, help="override the method's coupling")

@@ -168,3 +168,20 @@ def test_text_training_and_sampling_end_to_end(method, vqvae_dir, unet_config_fi
     npz = np.load(out / "samples.npz")
     assert summary["nfe"] == 2 and npz["images"].shape == (4, 16, 16, 1)
     assert npz["prompts"].tolist() == ["the number seven"] * 2 + ["digit 3, drawn in ink"] * 2
+
+
+def test_the_paper_flags_point_the_prior_at_other_mapper_and_bank_files(mapper_dir, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(mapper_dir / "mapper", moved / "projector")
+    bank = load_file(mapper_dir / "z_final.safetensors")["z"]
+    from safetensors.torch import save_file
+
+    save_file({"z": bank * 10}, moved / "z.safetensors")
+    (tmp_path / "p").mkdir()
+    shutil.copy(mapper_dir / "prior.json", tmp_path / "p" / "prior.json")
+    with pytest.raises(UserError, match="bank"):
+        MapperPrior.load(tmp_path / "p", mapper_path=str(moved / "projector"))
+    prior = MapperPrior.load(tmp_path / "p", mapper_path=str(moved / "projector"), z_path=str(moved / "z.safetensors"))
+    assert torch.allclose(prior.z_mean, 10 * bank.mean(0))

@@ -19,6 +19,7 @@ the EMA network in unet/ (UNet2DModel.from_pretrained loads it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import time
@@ -114,18 +115,28 @@ def batch_indices(step: int, num_items: int, batch_size: int, seed: int, rank: i
     """
     global_batch = batch_size * world
     epoch, i = divmod(step, num_items // global_batch)
-    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     start = i * global_batch + rank * batch_size
-    return perm[start:start + batch_size]
+    return epoch_permutation(num_items, seed, epoch)[start:start + batch_size]
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag, so the loop can finish its step and checkpoint."""
+    """Within `with`, SIGTERM/SIGINT set a flag, so the loop can finish its step and checkpoint."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> "StopSignal":
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
+        self.previous = [signal.signal(sig, self.handle) for sig in self.SIGNALS]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in zip(self.SIGNALS, self.previous):
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
@@ -252,57 +263,59 @@ def main(args: argparse.Namespace) -> dict:
                      lr_scheduler=lr_scheduler.state_dict(), step=step, rng=rngs)
         return save_checkpoint(out, state, step, args.checkpoints_total_limit)
 
-    stop = StopSignal()
     log, last_log = [], time.perf_counter()
     progress = tqdm(total=max_steps, initial=step, desc=args.method, disable=rank > 0)
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if rank == 0 else None
-    while step < max_steps:
-        idx = batch_indices(step, len(latents), args.batch_size, args.seed, rank, world)
-        with autocast(device, args.mixed_precision):
-            loss, cost = training_loss(config, model, prior, ddpm_scheduler, latents[idx], conditioning, idx,
-                                       world if args.ot_global else 1)
-        if any_rank(not torch.isfinite(loss).item(), world, device):
-            raise UserError(f"loss is not finite ({loss.item()}) at step {step + 1}; stopped without updating the "
-                            f"weights (the checkpoints in {out / 'checkpoints'} are intact)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)  # before the step
-        optimizer.step()
-        lr_scheduler.step()
-        ema.step(unet.parameters())
-        step += 1
-        progress.update()
-        log.append((loss.item(), cost))
+    with StopSignal() as stop:
+        while step < max_steps:
+            idx = batch_indices(step, len(latents), args.batch_size, args.seed, rank, world)
+            with autocast(device, args.mixed_precision):
+                loss, cost = training_loss(config, model, prior, ddpm_scheduler, latents[idx], conditioning, idx,
+                                           world if args.ot_global else 1)
+            if any_rank(not torch.isfinite(loss).item(), world, device):
+                raise UserError(f"loss is not finite ({loss.item()}) at step {step + 1}; stopped without updating the "
+                                f"weights (the checkpoints in {out / 'checkpoints'} are intact)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)  # before the step
+            optimizer.step()
+            lr_scheduler.step()
+            ema.step(unet.parameters())
+            step += 1
+            progress.update()
+            log.append((loss.item(), cost))
 
-        if rank == 0 and (step % args.logging_steps == 0 or step == max_steps):
-            now = time.perf_counter()
-            row = dict(step=step, loss=sum(l for l, _ in log) / len(log), coupling_cost=sum(c for _, c in log) / len(log),
-                       lr=lr_scheduler.get_last_lr()[0], steps_per_sec=len(log) / (now - last_log))
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            progress.set_postfix(loss=f"{row['loss']:.4f}")
-            log, last_log = [], now
-        if rank == 0 and args.validation_steps and (step % args.validation_steps == 0 or step == max_steps):
-            validation_grid(config, unet, ema, prior, conditioning, codec, out / f"samples-{step:08d}.png", device)
-        stopping = any_rank(stop.received is not None, world, device)
-        if step % args.checkpointing_steps == 0 or step == max_steps or stopping:
-            path = checkpoint()
-        if stopping:
-            if rank == 0:
-                print(f"{stop.received or 'stop'} received: saved {path} at step {step}; "
-                      "resume with --resume_from_checkpoint latest")
-            return {"step": step, "stopped": True}
+            if rank == 0 and (step % args.logging_steps == 0 or step == max_steps):
+                now = time.perf_counter()
+                row = dict(step=step, loss=sum(l for l, _ in log) / len(log), coupling_cost=sum(c for _, c in log) / len(log),
+                           lr=lr_scheduler.get_last_lr()[0], steps_per_sec=len(log) / (now - last_log))
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                log, last_log = [], now
+            if rank == 0 and args.validation_steps and (step % args.validation_steps == 0 or step == max_steps):
+                validation_grid(config, unet, ema, prior, conditioning, codec, out / f"samples-{step:08d}.png", device)
+            stopping = any_rank(stop.received is not None, world, device)
+            if step % args.checkpointing_steps == 0 or step == max_steps or stopping:
+                path = checkpoint()
+            if stopping:
+                if rank == 0:
+                    print(f"{stop.received or 'stop'} received: saved {path} at step {step}; "
+                          "resume with --resume_from_checkpoint latest")
+                break
     progress.close()
-
-    if rank == 0:
+    if metrics_file:
         metrics_file.close()
+
+    stopped = step < max_steps
+    if rank == 0 and not stopped:
         ema.copy_to(unet.parameters())
         save_unet(unet, out / "unet")
         print(f"done: {step} steps; EMA network in {out / 'unet'}, metrics in {out / 'metrics.jsonl'}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"step": step, "output_dir": str(out)}
+    return {"step": step, "output_dir": str(out), "stopped": stopped}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

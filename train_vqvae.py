@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from dataset import add_dataset_args, dataset_from_args
+from dataset import add_dataset_args, build_dataset, dataset_from_args
 from neural_models import VQVAECodec, vqvae_config
-from training_utils import cli_entry, pick_device, seed_everything, write_json
+from training_utils import UserError, cli_entry, pick_device, seed_everything, write_json
 
 
 @torch.no_grad()
@@ -75,7 +75,10 @@ def evaluate(codec: VQVAECodec, loader: DataLoader, device: torch.device) -> dic
 def main(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     device = pick_device(args.device)
-    train_set, test_set = dataset_from_args(args, "train"), dataset_from_args(args, "test")
+    train_set = dataset_from_args(args, "train")
+    test_set = build_dataset(args.dataset, "test", args.data_dir, args.image_size, args.max_eval_samples)
+    if len(train_set) < args.batch_size:
+        raise UserError(f"--batch_size {args.batch_size} exceeds the {len(train_set)} training images")
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers)
     max_steps = args.max_steps or args.num_train_epochs * len(loader)
 
@@ -132,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--latent_channels", type=int, default=4)
     parser.add_argument("--num_vq_embeddings", type=int, default=256)
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="score a random subset of the test split")
     parser.add_argument("--restart_every", type=int, default=50, help="re-seed unused codes this often (first half of training)")
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)

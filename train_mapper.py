@@ -100,7 +100,7 @@ def mapper_report(prior: MapperPrior, text: torch.Tensor, latents: torch.Tensor)
     d = latents[0].numel()
     cpd = independent_transport_cost(latents, mean, torch.full((len(latents),), prior.sigma**2 * d))
     normal = independent_transport_cost(latents, torch.zeros_like(latents), torch.full((len(latents),), float(d)))
-    return {"mse": torch.nn.functional.mse_loss(mean, latents).item(), "transport_cost_prior": cpd,
+    return {"mse": F.mse_loss(mean, latents).item(), "transport_cost_prior": cpd,
             "transport_cost_standard_normal": normal, "transport_cost_ratio": cpd / normal}
 
 

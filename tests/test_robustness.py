@@ -1,5 +1,4 @@
 """Scale-out and fault handling: torchrun, preemption, interrupted writes, NaN losses."""
-import json
 import os
 import shutil
 import signal
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 import checkpoints
 import train
 from checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from conftest import ROOT, TINY_UNET, assert_clean_error, run_script
+from conftest import ROOT, assert_clean_error, run_script
 from training_utils import UserError
 
 DATA = ["--image_size", "16", "--max_train_samples", "64"]

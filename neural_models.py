@@ -230,6 +230,14 @@ def minilm_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def offline_hint(source: str | Path) -> str:
+    """What to do when a hub model cannot be loaded: nothing to add for an existing local folder."""
+    if Path(str(source)).exists():
+        return ""
+    return ("; offline, download it where you have internet (`hf download NAME --local-dir DIR`) "
+            "and pass that folder instead")
+
+
 def load_text_encoder(name: str = "minilm", device: torch.device | str = "cpu") -> TextEncoder:
     """`minilm` (the offline default), or a hub name or local folder of CLIP or any text model."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
@@ -242,10 +250,8 @@ def load_text_encoder(name: str = "minilm", device: torch.device | str = "cpu") 
         else:
             tokenizer, model = AutoTokenizer.from_pretrained(source), AutoModel.from_pretrained(source)
     except OSError:
-        hint = "" if Path(str(source)).exists() else (
-            "; offline, download it where you have internet (`hf download NAME --local-dir DIR`) "
-            "and pass that folder instead, or use the shipped default: minilm")
-        raise UserError(f"cannot load the text encoder {name!r}{hint}") from None
+        default = "" if Path(str(source)).exists() else ", or use the shipped default: minilm"
+        raise UserError(f"cannot load the text encoder {name!r}{offline_hint(source)}{default}") from None
     # CLIP's 77 tokens as in the paper; 32 covers captions for a sentence encoder and keeps the cache small.
     max_length = min(77 if model_type.startswith("clip") else 32, model.config.max_position_embeddings)
     return TextEncoder(tokenizer, model, name=str(name), max_length=max_length).to(device)

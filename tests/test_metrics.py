@@ -1,4 +1,4 @@
-"""metrics.py: FID/KID correctness, the Inception file, the reference cache, the classifier, transport cost."""
+"""metrics.py: FID/KID correctness, the Inception file, the reference cache, the classifier, CLIP score, transport cost."""
 import json
 import subprocess
 import sys
@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import metrics  # noqa: E402
+from conftest import assert_clean_error, run_script  # noqa: E402
 from dataset import build_dataset  # noqa: E402
 
 
@@ -263,3 +264,45 @@ def test_evaluate_scores_a_trained_run(vqvae_dir, unet_config_file, tmp_path):
     assert 0 <= scores["accuracy"] <= 1 and scores["transport_cost"] > 0 and scores["path_straightness"] >= 0
     assert result["training_coupling_cost"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["class"]["fid"] == pytest.approx(scores["fid"])
+
+
+def test_clip_score_matches_the_formula_over_batches_and_reads_gray_images(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (7, 1, 16, 16), dtype=torch.uint8)
+    prompts = ["a digit seven", "the number three", "a handwritten digit", "seven", "three", "digit 4", "the 9"]
+    clip = metrics.load_clip(str(tiny_clip_dir))
+    ours = metrics.clip_score(images, prompts, clip, batch_size=3)
+    # CLIP score by hand: 100 * mean over pairs of cos(image embedding, text embedding), floored at 0.
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir), CLIPProcessor.from_pretrained(tiny_clip_dir)
+    inputs = processor(text=prompts, images=list(images.expand(-1, 3, -1, -1)), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+    assert ours == pytest.approx(max(100 * cos.mean().item(), 0), rel=1e-4) and ours > 0
+    swapped = metrics.clip_score(images, prompts[::-1], clip, batch_size=3)
+    assert swapped != pytest.approx(ours)  # the score depends on which prompt goes with which image
+
+
+def test_clip_score_cli_takes_prompts_from_sample_npz(tiny_clip_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 16, 16, 1), dtype=torch.uint8)
+    prompts = ["the number seven", "the number seven", "a digit three", "a digit three"]
+    np.savez(tmp_path / "samples.npz", images=images.numpy(), prompts=np.array(prompts))
+    result = metrics.main(metrics.parse_args(["clip-score", "--images", str(tmp_path / "samples.npz"),
+                                              "--clip_model", str(tiny_clip_dir)]))
+    direct = metrics.clip_score(images.permute(0, 3, 1, 2), prompts, metrics.load_clip(str(tiny_clip_dir)))
+    assert result["num_images"] == 4 and result["clip_score"] == pytest.approx(direct, rel=1e-5)
+    np.savez(tmp_path / "bare.npz", images=images.numpy())
+    with pytest.raises(SystemExit):
+        metrics.main(metrics.parse_args(["clip-score", "--images", str(tmp_path / "bare.npz"),
+                                         "--clip_model", str(tiny_clip_dir)]))
+    assert "holds no `prompts`; pass --prompts_file" in capsys.readouterr().err
+
+
+def test_an_offline_clip_hub_name_is_one_clear_error(tmp_path):
+    np.savez(tmp_path / "s.npz", images=np.zeros((2, 16, 16, 1), np.uint8), prompts=np.array(["a", "b"]))
+    result = run_script("metrics.py", "clip-score", "--images", str(tmp_path / "s.npz"),
+                        "--clip_model", "openai/clip-vit-base-patch32")
+    assert_clean_error(result, "openai/clip-vit-base-patch32", "local")

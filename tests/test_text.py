@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import latent_cache
+import metrics
 import sample
 import train
 import train_mapper
@@ -16,28 +16,6 @@ from dataset import MNIST_TEMPLATES, build_dataset, digit_captions
 from flow import MapperPrior
 from neural_models import TextMapper, load_text_encoder
 from training_utils import UserError
-
-WORDS = ["a", "digit", "seven", "the", "number", "three", "handwritten"]
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    """A randomly initialised CLIP text model with a tokenizer built in memory: no hub access."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for w in WORDS:
-        vocab[w + "</w>"] = len(vocab)
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789,":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("clip")
-    CLIPTextModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
 
 def test_tiny_clip_gives_pooled_states_and_mask(tiny_clip_dir):
     encoder = load_text_encoder(str(tiny_clip_dir))
@@ -150,7 +128,8 @@ def test_the_dim_z_bank_is_saved_and_sampled(mapper_dir):
 
 
 @pytest.mark.parametrize("method", ["cpd", "condot"])
-def test_text_training_and_sampling_end_to_end(method, vqvae_dir, unet_config_file, mapper_dir, tmp_path):
+def test_text_training_sampling_and_scoring_end_to_end(method, vqvae_dir, unet_config_file, mapper_dir, tiny_clip_dir,
+                                                       tmp_path):
     run = tmp_path / "run"
     args = [*TEXT_DATA, "--method", method, "--vqvae_directory", str(vqvae_dir), "--output_dir", str(run),
             "--unet_config", str(unet_config_file), "--batch_size", "16", "--max_steps", "3", "--validation_steps", "3",
@@ -168,6 +147,11 @@ def test_text_training_and_sampling_end_to_end(method, vqvae_dir, unet_config_fi
     npz = np.load(out / "samples.npz")
     assert summary["nfe"] == 2 and npz["images"].shape == (4, 16, 16, 1)
     assert npz["prompts"].tolist() == ["the number seven"] * 2 + ["digit 3, drawn in ink"] * 2
+    result = metrics.main(metrics.parse_args([
+        "evaluate", "--run_dir", str(run), "--num_samples", "4", "--num_real", "4", "--nfe", "2", "--cfg_scale", "2",
+        "--clip_model", str(tiny_clip_dir), "--cache_dir", str(tmp_path / "refs")]))
+    for wording in ("seen", "heldout"):  # the held-out wordings are scored on their own
+        assert result[wording]["num_fake"] == 4 and 0 <= result[wording]["clip_score"] <= 100
 
 
 def test_the_paper_flags_point_the_prior_at_other_mapper_and_bank_files(mapper_dir, tmp_path):

@@ -2,6 +2,7 @@
 
     python benchmark.py speed --output docs/speed.json
     python benchmark.py compare --preset quick --output_dir runs/benchmark
+    python benchmark.py compare --preset quick --variant text --output_dir runs/benchmark-text
 
 speed    one process, everything timed side by side (round-robin, medians): a training step of
          each method (train.py's loss path) against a bare UNet forward + backward + AdamW step on
@@ -10,12 +11,14 @@ speed    one process, everything timed side by side (round-robin, medians): a tr
          with the duplicated pairs torchcfm's sampling with replacement makes; sampling at NFE
          1..15 against NFE x one bare forward pass; peak memory of a training step and of
          sampling. Prints markdown tables and writes a JSON of every figure.
-compare  the class-conditional MNIST comparison through the project's own CLIs: train (or reuse)
-         the VQ-VAE, fit the class prior, train cpd, condot, batchot and ddpm with one network,
-         budget and seed, and evaluate each at NFE 1..60 with euler and midpoint (ddpm: DDIM):
-         FID/KID against the MNIST test split, classifier accuracy, transport cost, and FID at
-         15 NFE along training. Writes results.json, results.md, fid_vs_nfe.png,
-         fid_vs_step.png and grids.png in --output_dir.
+compare  the paper's comparison on MNIST through the project's own CLIs: train (or reuse) the
+         VQ-VAE, fit the prior, train every method with one network, budget and seed, and
+         evaluate each at NFE 1..60 with euler and midpoint (ddpm: DDIM): FID/KID against the
+         MNIST test split, classifier accuracy, transport cost, and FID at 15 NFE along training.
+         `--variant class` (default): cpd, condot, batchot and ddpm on the digit classes;
+         `--variant text`: cpd (text mapper prior) against condot on captions made from the
+         labels, with accuracy on the training wordings and on held-out ones. Writes
+         results.json, results.md, fid_vs_nfe.png, fid_vs_step.png and grids.png in --output_dir.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import train
 import train_mapper
 import train_vqvae
 from checkpoints import PATTERN, list_checkpoints
+from dataset import digit_captions
 from flow import TIME_SCALE, ClassGaussianPrior, couple, generate, ot_permutation
 from neural_models import PixelCodec, build_unet, conditional_model
 from runs import METHODS, ClassConditioning, build_prior, load_run, sampling_scheduler, training_scheduler
@@ -427,10 +431,8 @@ class ClassConditional:
     """The class-conditional MNIST comparison: what the pipeline in `compare` asks of a variant.
 
     A variant names the methods it compares, fits their prior, adds each method's train.py flags,
-    draws evaluation samples and scores their alignment with the condition. The text variant
-    (MNIST captions, cpd against condot, alignment on seen and held-out wordings) is meant to be
-    another class with these members, picked by a new `--variant` flag; the pipeline below
-    touches conditions only through them.
+    draws evaluation samples and scores their alignment with the condition; the pipeline below
+    touches conditions only through these members, so a new variant is a new class in VARIANTS.
     """
 
     title = "Class-conditional MNIST"
@@ -480,6 +482,66 @@ class ClassConditional:
         labels = torch.arange(num_classes).repeat(4)
         images = sample_run(run, labels, nfe=nfe, solver=solver, seed=seed)["images"]
         return labelled_grid(images, labels, nrow=num_classes)
+
+
+class TextConditional(ClassConditional):
+    """MNIST with captions made from the labels: cpd (the text mapper's prior) against condot, both
+    cross-attending to the MiniLM token states. Alignment is the classifier's accuracy against the
+    digit a prompt names, over all samples and for the training wordings and the held-out ones."""
+
+    title = "Text-conditional MNIST (captions)"
+    methods = ("cpd", "condot")
+
+    def __init__(self, args: argparse.Namespace, preset: Preset, out: Path, vqvae_dir: Path, device: torch.device):
+        super().__init__(args, preset, out, vqvae_dir, device)
+        self.prior_dir = out / "mapper"
+
+    def fit_prior(self) -> dict:
+        if (self.prior_dir / "prior.json").is_file():
+            return read_json(self.prior_dir / "prior.json", "mapper config")
+        return train_mapper.main(train_mapper.parse_args([
+            *data_flags(self.preset), "--condition", "text", "--vqvae_directory", str(self.vqvae_dir),
+            "--output_dir", str(self.prior_dir), "--seed", str(self.args.seed), *device_flags(self.args)]))
+
+    def train_flags(self, method: str) -> list[str]:
+        return ["--condition", "text", *super().train_flags(method)]
+
+    def sample(self, run: dict, n: int, nfe: int, solver: str, seed: int) -> dict:
+        """n samples for prompts naming every digit in turn, in seen and held-out wordings."""
+        prompts, digits, heldout = caption_prompts(n)
+        result = sample_run(run, None, nfe=nfe, solver=solver, seed=seed, prompts=prompts)
+        return result | {"images": metrics.to_uint8(result["images"] * 2 - 1), "labels": digits, "heldout": heldout}
+
+    def alignment(self, samples: dict) -> dict:
+        def accuracy(keep: torch.Tensor) -> float:
+            return metrics.classifier_accuracy(self.classifier, samples["images"][keep], samples["labels"][keep])
+
+        heldout = samples["heldout"]
+        return {"accuracy": accuracy(torch.ones_like(heldout)), "accuracy_seen": accuracy(~heldout),
+                "accuracy_heldout": accuracy(heldout)}
+
+    def grid(self, run: dict, nfe: int, solver: str, seed: int):
+        """One column per digit; rows: two seen wordings, then the two held-out ones."""
+        rows = [("train", 0), ("train", 1), ("heldout", 0), ("heldout", 1)]
+        prompts = [digit_captions(d, wording)[k] for wording, k in rows for d in range(10)]
+        images = sample_run(run, None, nfe=nfe, solver=solver, seed=seed, prompts=prompts)["images"]
+        return labelled_grid(images, torch.arange(len(prompts)) % 10, nrow=10)
+
+
+def caption_prompts(n: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Prompts, the digit each names, and whether its wording was held out of training. Samples go
+    in pairs, one seen and one held-out wording of the same digit, digits 0..9 in turn, templates
+    cycling every 20 samples: any prefix of 20k samples is balanced over digits and wordings."""
+    prompts, heldout = [], []
+    for i in range(n):
+        held = i % 2 == 1
+        captions = digit_captions(i // 2 % 10, "heldout" if held else "train")
+        prompts.append(captions[i // 20 % len(captions)])
+        heldout.append(held)
+    return prompts, torch.arange(n) // 2 % 10, torch.tensor(heldout)
+
+
+VARIANTS = {"class": ClassConditional, "text": TextConditional}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,9 +747,10 @@ def compare(args: argparse.Namespace) -> dict:
     if out.is_dir() and any(out.iterdir()) and not args.skip_existing:
         raise UserError(f"{out} already holds a comparison; pass --skip_existing to reuse its finished stages, "
                         "or choose another --output_dir")
-    settings = json.loads(json.dumps(asdict(preset) | {"nfes": NFES, "seed": args.seed}))
+    settings = json.loads(json.dumps(asdict(preset) | {"nfes": NFES, "seed": args.seed, "variant": args.variant}))
     if (out / "settings.json").is_file() and read_json(out / "settings.json", "comparison settings") != settings:
-        raise UserError(f"{out} holds a comparison with other settings (preset or seed); choose another --output_dir")
+        raise UserError(f"{out} holds a comparison with other settings (preset, variant or seed); "
+                        "choose another --output_dir")
     write_json(out / "settings.json", settings)
     write_json(out / "unet.json", preset.unet)
     result = {"command": args.command_line, "preset": args.preset, "settings": settings,
@@ -701,7 +764,7 @@ def compare(args: argparse.Namespace) -> dict:
         return value
 
     vqvae_dir = stage("vqvae", lambda: train_vqvae_stage(args, preset, out))
-    variant = ClassConditional(args, preset, out, vqvae_dir, device)
+    variant = VARIANTS[args.variant](args, preset, out, vqvae_dir, device)
     result["variant"] = variant.title
     result["prior"] = stage("prior", variant.fit_prior)
     result["classifier"] = stage("classifier", variant.load_classifier)
@@ -757,9 +820,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--unet_config", default=None, help="json of UNet2DModel overrides (default: neural_models.DEFAULT_UNET)")
     s.add_argument("--output", default="docs/speed.json")
 
-    c = commands.add_parser("compare", help="train and evaluate cpd, condot, batchot and ddpm on MNIST")
+    c = commands.add_parser("compare", help="train and evaluate cpd against its baselines on MNIST")
     c.add_argument("--preset", default="quick", choices=tuple(PRESETS),
                    help="; ".join(f"{name}: {p.about}" for name, p in PRESETS.items()))
+    c.add_argument("--variant", default="class", choices=tuple(VARIANTS),
+                   help="class: cpd, condot, batchot, ddpm on the digit classes; text: cpd against condot on "
+                        "captions made from the labels, alignment on seen and held-out wordings")
     c.add_argument("--output_dir", default="runs/benchmark")
     c.add_argument("--skip_existing", action="store_true",
                    help="reuse the finished stages in --output_dir (an interrupted training run resumes)")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import benchmark
+from dataset import digit_captions
 from runs import METHODS
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -106,3 +107,30 @@ def test_torchcfm_pairs_are_drawn_with_replacement():
     # 64 draws from 64 equally likely pairs leave about 23 duplicates; ours is a permutation
     assert row["ours_duplicate_x0"] == 0 and row["torchcfm_duplicate_x0"] > 5
     assert row["pot_emd_ms"] > 0
+
+
+def test_caption_prompts_pair_seen_and_held_out_wordings_of_each_digit():
+    prompts, digits, heldout = benchmark.caption_prompts(40)
+    assert digits.tolist() == [i // 2 % 10 for i in range(40)] and heldout.tolist() == [False, True] * 20
+    for prompt, digit, held in zip(prompts, digits.tolist(), heldout.tolist()):
+        assert prompt in digit_captions(digit, "heldout" if held else "train")
+    assert len(set(prompts)) == 40  # the second 20 use the next template of each wording
+
+
+def test_compare_text_toy_scores_seen_and_held_out_wordings(vqvae_dir, tmp_path):
+    out = tmp_path / "text"
+    benchmark.main(benchmark.parse_args([
+        "compare", "--preset", "toy", "--variant", "text", "--output_dir", str(out),
+        "--vqvae_directory", str(vqvae_dir), "--fid_cache_dir", str(tmp_path / "fid_refs")]))
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["methods"]) == {"cpd", "condot"} and finite(saved["prior"]["heldout_wording_mse"])
+    assert saved["settings"]["variant"] == "text"
+    for method, r in saved["methods"].items():
+        run = json.loads((out / "runs" / method / "config.json").read_text())
+        assert run["condition"] == "text" and run["method"] == method
+        head = r["headline"]
+        assert all(finite(head[k]) for k in ("fid", "accuracy", "accuracy_seen", "accuracy_heldout", "transport_cost"))
+        assert head["accuracy"] == pytest.approx((head["accuracy_seen"] + head["accuracy_heldout"]) / 2)
+    md = (out / "results.md").read_text()
+    assert "| method | FID | KID (x100) | accuracy | accuracy_seen | accuracy_heldout | transport cost |" in md
+    assert (out / "grids.png").read_bytes()[:8] == PNG

@@ -530,8 +530,9 @@ class TextConditional(ClassConditional):
 
 def caption_prompts(n: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Prompts, the digit each names, and whether its wording was held out of training. Samples go
-    in pairs, one seen and one held-out wording of the same digit, digits 0..9 in turn, templates
-    cycling every 20 samples: any prefix of 20k samples is balanced over digits and wordings."""
+    in pairs, one seen and one held-out wording of the same digit, digits 0..9 in turn, each wording's
+    templates taking turns every 20 samples: any prefix of 20k samples is balanced over digits and
+    over seen and held-out wordings."""
     prompts, heldout = [], []
     for i in range(n):
         held = i % 2 == 1
@@ -749,7 +750,8 @@ def compare(args: argparse.Namespace) -> dict:
         raise UserError(f"{out} already holds a comparison; pass --skip_existing to reuse its finished stages, "
                         "or choose another --output_dir")
     settings = json.loads(json.dumps(asdict(preset) | {"nfes": NFES, "seed": args.seed, "variant": args.variant}))
-    if (out / "settings.json").is_file() and read_json(out / "settings.json", "comparison settings") != settings:
+    saved = read_json(out / "settings.json", "comparison settings") if (out / "settings.json").is_file() else None
+    if saved is not None and {"variant": "class"} | saved != settings:  # older comparisons were all class
         raise UserError(f"{out} holds a comparison with other settings (preset, variant or seed); "
                         "choose another --output_dir")
     write_json(out / "settings.json", settings)

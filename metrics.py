@@ -314,6 +314,8 @@ def classifier_accuracy(classifier: nn.Module, images: torch.Tensor, labels: tor
     classifier.eval()
     device = next(classifier.parameters()).device
     labels = torch.as_tensor(labels)
+    if len(labels) == 0:
+        return float("nan")
     correct = sum(
         (classifier(x.to(device)).argmax(1).cpu() == y).sum().item()
         for x, y in zip(images.split(batch_size), labels.split(batch_size))
@@ -424,8 +426,8 @@ def load_clip(name: str, device: str | torch.device = "cpu") -> tuple[ClipFeatur
 
 
 def clip_score(images: torch.Tensor, prompts: list[str], clip: tuple[nn.Module, object], batch_size: int = 64) -> float:
-    """torchmetrics' CLIPScore of uint8 images (N, C, H, W) against their prompts: 100 times the mean
-    cosine between CLIP's image and text embeddings, floored at 0.
+    """torchmetrics' CLIPScore of images (N, C, H, W), uint8 or float in [-1, 1], against their
+    prompts: 100 times the mean cosine between CLIP's image and text embeddings, floored at 0.
 
     Grayscale is repeated to RGB; CLIP's processor resizes and normalises the images.
     """
@@ -433,8 +435,8 @@ def clip_score(images: torch.Tensor, prompts: list[str], clip: tuple[nn.Module, 
 
     if len(images) != len(prompts):
         raise UserError(f"{len(images)} images but {len(prompts)} prompts: CLIP score needs one prompt per image")
-    metric = CLIPScore(model_name_or_path=lambda: clip)
     device = next(clip[0].parameters()).device
+    metric = CLIPScore(model_name_or_path=lambda: clip).to(device)
     for i in tqdm(range(0, len(images), batch_size), desc="CLIP score", unit="batch", leave=False):
         batch = to_uint8(images[i:i + batch_size])
         metric.update(batch.expand(-1, 3, -1, -1).to(device), list(prompts[i:i + batch_size]))
@@ -446,17 +448,21 @@ def clip_score(images: torch.Tensor, prompts: list[str], clip: tuple[nn.Module, 
 # ---------------------------------------------------------------------------------------------
 
 
-def alignment_targets(run: dict, num_samples: int) -> dict[str, tuple[list[str] | None, torch.Tensor]]:
-    """What to sample and which digit each sample should show: the classes spread evenly, or,
-    for MNIST captions, every digit under the seen and the held-out wordings."""
-    if run["config"]["condition"] == "class":
-        return {"class": (None, torch.arange(num_samples) % run["config"]["num_classes"])}
-    targets = {}
-    for wording in ("train", "heldout"):
-        prompts = [(c, d) for d in range(10) for c in digit_captions(d, wording)]
-        picks = [prompts[i % len(prompts)] for i in range(num_samples)]
-        targets["seen" if wording == "train" else "heldout"] = ([p for p, _ in picks], torch.tensor([d for _, d in picks]))
-    return targets
+def alignment_targets(run: dict, num_samples: int) -> dict[str, tuple[list[str] | None, torch.Tensor | None]]:
+    """What to sample and, where known, which digit each sample should show: the classes spread
+    evenly; for MNIST captions, digits 0..9 in turn under the seen and the held-out wordings
+    separately; for other caption data, the test split's captions (one per image, in order)."""
+    config = run["config"]
+    if config["condition"] == "class":
+        return {"class": (None, torch.arange(num_samples) % config["num_classes"])}
+    if config["dataset"] != "mnist":
+        test = build_dataset(config["dataset"], "test", config["data_dir"], config["image_size"], condition="text")
+        captions = test.captions
+        return {"captions": ([captions[i % len(captions)][0] for i in range(num_samples)], None)}
+    digits = torch.arange(num_samples) % 10
+    return {"seen" if wording == "train" else "heldout": (
+        [(c := digit_captions(d, wording))[i // 10 % len(c)] for i, d in enumerate(digits.tolist())], digits)
+        for wording in ("train", "heldout")}
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:
@@ -487,7 +493,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         scores.update(transport_cost=transport_cost(out["x0"], out["x1"]).item(), nfe_used=out["nfe"])
         if "paths" in out:
             scores["path_straightness"] = path_straightness(out["paths"], torch.tensor(out["times"])).item()
-        if classifier is not None:
+        if classifier is not None and digits is not None:
             scores["accuracy"] = classifier_accuracy(classifier, images, digits)
         if clip is not None:
             scores["clip_score"] = clip_score(images, prompts, clip)
@@ -550,19 +556,20 @@ def sample_prompts(path: str, prompts_file: str | None, count: int) -> list[str]
     """One prompt per image: from --prompts_file, else the `prompts` array sample.py writes into its .npz."""
     if prompts_file:
         try:
-            prompts = [line.rstrip("\n") for line in open(prompts_file, encoding="utf-8") if line.strip()]
-        except OSError as err:
-            raise UserError(f"cannot read --prompts_file {prompts_file}: {err.strerror}") from None
+            prompts = [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read --prompts_file {prompts_file}: {getattr(err, 'strerror', None) or err}") from None
     elif path.endswith(".npz"):
         with np.load(path) as npz:
             if "prompts" not in npz:
                 raise UserError(f"{path} holds no `prompts`; pass --prompts_file with one prompt per image")
             prompts = [str(p) for p in npz["prompts"]]
     else:
-        raise UserError("an image folder has no prompts: pass --prompts_file with one prompt per image, in sorted file order")
+        raise UserError("an image folder has no prompts: pass --prompts_file with one prompt per image, in sorted "
+                        "file order, or sample.py's samples.npz, which holds them")
     if len(prompts) < count:
         raise UserError(f"{len(prompts)} prompts for {count} images: CLIP score needs one prompt per image")
-    return prompts[:count]
+    return prompts[:count]  # --num_images keeps the first images, and so their prompts
 
 
 def compute_clip_score(args: argparse.Namespace) -> dict:

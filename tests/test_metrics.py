@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import metrics  # noqa: E402
 from conftest import assert_clean_error, run_script  # noqa: E402
-from dataset import build_dataset  # noqa: E402
+from dataset import build_dataset, digit_captions  # noqa: E402
 
 
 class TinyFeatures(nn.Module):
@@ -304,5 +304,21 @@ def test_clip_score_cli_takes_prompts_from_sample_npz(tiny_clip_dir, tmp_path, c
 def test_an_offline_clip_hub_name_is_one_clear_error(tmp_path):
     np.savez(tmp_path / "s.npz", images=np.zeros((2, 16, 16, 1), np.uint8), prompts=np.array(["a", "b"]))
     result = run_script("metrics.py", "clip-score", "--images", str(tmp_path / "s.npz"),
-                        "--clip_model", "openai/clip-vit-base-patch32")
-    assert_clean_error(result, "openai/clip-vit-base-patch32", "local")
+                        "--clip_model", "no-such-org/no-such-clip")  # never in a local hub cache
+    assert_clean_error(result, "no-such-org/no-such-clip", "local")
+
+
+def test_text_alignment_targets_balance_digits_or_use_the_test_captions(tmp_path):
+    run = {"config": {"condition": "text", "dataset": "mnist", "data_dir": None, "image_size": 16}}
+    targets = metrics.alignment_targets(run, 60)
+    assert set(targets) == {"seen", "heldout"}
+    for wording, (prompts, digits) in zip(("train", "heldout"), targets.values()):
+        assert digits.tolist() == list(range(10)) * 6
+        assert all(p in digit_captions(d, wording) for p, d in zip(prompts, digits.tolist()))
+        assert len(set(prompts)) == 10 * len(digit_captions(0, wording))  # every template of every digit
+    (tmp_path / "test").mkdir()
+    for name, caption in (("a", "a red square"), ("b", "a blue square")):
+        Image.new("RGB", (8, 8)).save(tmp_path / "test" / f"{name}.png")
+        (tmp_path / "test" / f"{name}.txt").write_text(caption + "\n")
+    run["config"].update(dataset="captionfolder", data_dir=str(tmp_path))
+    assert metrics.alignment_targets(run, 3) == {"captions": (["a red square", "a blue square", "a red square"], None)}

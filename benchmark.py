@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -50,7 +50,7 @@ import train_mapper
 import train_vqvae
 from checkpoints import PATTERN, list_checkpoints
 from dataset import digit_captions
-from flow import TIME_SCALE, ClassGaussianPrior, couple, generate, ot_permutation
+from flow import COVARIANCES, TIME_SCALE, ClassGaussianPrior, couple, generate, ot_permutation
 from neural_models import PixelCodec, build_unet, conditional_model
 from runs import METHODS, ClassConditioning, build_prior, load_run, sampling_scheduler, training_scheduler
 from sample import labelled_grid, sample_run
@@ -745,6 +745,8 @@ def compare(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     device = pick_device(args.device)
     preset = PRESETS[args.preset]
+    if args.covariance:
+        preset = replace(preset, covariance=args.covariance)
     out = Path(args.output_dir)
     if out.is_dir() and any(out.iterdir()) and not args.skip_existing:
         raise UserError(f"{out} already holds a comparison; pass --skip_existing to reuse its finished stages, "
@@ -829,6 +831,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--variant", default="class", choices=tuple(VARIANTS),
                    help="class: cpd, condot, batchot, ddpm on the digit classes; text: cpd against condot on "
                         "captions made from the labels, alignment on seen and held-out wordings")
+    c.add_argument("--covariance", default=None, choices=COVARIANCES,
+                   help="class variant: the class prior's covariance (default: the preset's)")
     c.add_argument("--output_dir", default="runs/benchmark")
     c.add_argument("--skip_existing", action="store_true",
                    help="reuse the finished stages in --output_dir (an interrupted training run resumes)")

@@ -30,9 +30,10 @@ def test_presets_are_consistent():
 def test_compare_toy_writes_every_figure_and_reuses_finished_stages(vqvae_dir, tmp_path, capsys):
     out = tmp_path / "comparison"
     argv = ["compare", "--preset", "toy", "--output_dir", str(out), "--vqvae_directory", str(vqvae_dir),
-            "--fid_cache_dir", str(tmp_path / "fid_refs")]
+            "--fid_cache_dir", str(tmp_path / "fid_refs"), "--covariance", "isotropic"]
     benchmark.main(benchmark.parse_args(argv))
     saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["covariance"] == json.loads((out / "prior" / "prior.json").read_text())["covariance"] == "isotropic"
     assert set(saved["methods"]) == {"cpd", "condot", "batchot", "ddpm"}
     for method, r in saved["methods"].items():
         head = r["headline"]

@@ -48,9 +48,9 @@ import metrics
 import train
 import train_mapper
 import train_vqvae
-from checkpoints import PATTERN, list_checkpoints
+from checkpoints import checkpoint_step, list_checkpoints
 from dataset import digit_captions
-from flow import COVARIANCES, TIME_SCALE, ClassGaussianPrior, couple, generate, ot_permutation
+from flow import COVARIANCES, TIME_SCALE, ClassGaussianPrior, couple, generate, ot_permutation, transport_cost
 from neural_models import PixelCodec, build_unet, conditional_model
 from runs import METHODS, ClassConditioning, build_prior, load_run, sampling_scheduler, training_scheduler
 from sample import labelled_grid, sample_run
@@ -224,7 +224,7 @@ def time_coupling(bench: SimpleNamespace, args: argparse.Namespace, device: torc
 
 
 def pair_cost(x0: torch.Tensor, x1: torch.Tensor) -> float:
-    return metrics.transport_cost(x0, x1).item()
+    return transport_cost(x0, x1).item()
 
 
 def time_sampling(bench: SimpleNamespace, args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -613,7 +613,7 @@ def evaluate_point(scorer: Scorer, run: dict, method: str, nfe: int, solver: str
     counts = sorted({*([p.fid_samples] if headline else []), *([p.curve_samples] if on_curve else [])})
     samples = scorer.variant.sample(run, max([p.eval_samples, *counts]), nfe, solver, scorer.seed)
     row = dict(nfe=nfe, solver=solver, nfe_used=samples["nfe"], num_samples=len(samples["labels"]),
-               transport_cost=metrics.transport_cost(samples["x0"], samples["x1"]).item(), **scorer.variant.alignment(samples))
+               transport_cost=transport_cost(samples["x0"], samples["x1"]).item(), **scorer.variant.alignment(samples))
     if counts:
         row["fid"] = scorer.fid(samples["images"], counts, desc=f"{method} nfe {nfe} {solver}")
     return row
@@ -627,7 +627,7 @@ def fid_vs_step(scorer: Scorer, run_dir: Path, method: str, final: dict) -> list
     """FID at 15 NFE of each checkpoint's EMA network; the last point is the final network's."""
     p, points = scorer.preset, []
     for path in list_checkpoints(run_dir):
-        step = int(PATTERN.search(path.name).group(1))
+        step = checkpoint_step(path)
         if step >= p.train_steps:  # the final network: the same EMA weights, scored already
             continue
         run = load_run(run_dir, str(path), scorer.device)

@@ -18,11 +18,16 @@ from training_utils import UserError, atomic_write
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint file was saved at."""
+    return int(PATTERN.search(path.name).group(1))
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     folder = Path(run_dir) / "checkpoints"
     found = [p for p in folder.glob("checkpoint-*.pt") if PATTERN.search(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(PATTERN.search(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_checkpoint(run_dir: str | Path, which: str, required: bool = True) -> Path | None:

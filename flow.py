@@ -228,6 +228,15 @@ class MapperPrior:
         return prior
 
 
+def transport_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of |x1 - x0|^2, the squared L2 norm summed over all non-batch dims.
+
+    With x0 prior samples and x1 where the ODE takes them, this is the paper's transport cost;
+    with the pairs drawn in training, it is the coupling cost.
+    """
+    return (x1 - x0).flatten(1).pow(2).sum(1).mean()
+
+
 def independent_transport_cost(x1: torch.Tensor, x0_mean: torch.Tensor, x0_trace: torch.Tensor) -> float:
     """E|x1 - x0|^2 under independent pairing: |x1 - E x0|^2 + tr Cov(x0), averaged over x1."""
     return ((x1 - x0_mean).flatten(1).pow(2).sum(1) + x0_trace).mean().item()

@@ -33,6 +33,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
 from dataset import DATASETS, SPLITS, add_dataset_args, build_dataset, digit_captions, load_rgb
+from flow import transport_cost
 from neural_models import offline_hint
 from training_utils import UserError, atomic_write, cli_entry, pick_device, read_json, seed_everything, write_json
 
@@ -370,17 +371,8 @@ def train_classifier(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Transport cost (latent space)
+# Path straightness (latent space; the transport cost is flow.transport_cost)
 # ---------------------------------------------------------------------------------------------
-
-
-def transport_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of |x1 - x0|^2, the squared L2 norm summed over all non-batch dims.
-
-    With x0 prior samples and x1 where the ODE takes them, this is the paper's transport cost;
-    with the pairs drawn in training, it is the coupling cost.
-    """
-    return (x1 - x0).flatten(1).pow(2).sum(1).mean()
 
 
 def path_straightness(trajectory: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
@@ -483,12 +475,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     result = {"run_dir": str(args.run_dir), "method": config["method"], "nfe": args.nfe, "solver": args.solver,
               "num_samples": args.num_samples, "cfg_scale": args.cfg_scale, "seed": args.seed,
               "clip_model": args.clip_model}
+    real = reference_features(config["dataset"], "test", net, config["image_size"], args.num_real, config["data_dir"],
+                              args.cache_dir, args.batch_size, args.seed)
     for name, (prompts, digits) in alignment_targets(run, args.num_samples).items():
         out = sample_run(run, None if prompts else digits, args.nfe, args.solver, args.cfg_scale, args.seed,
                          return_path=True, prompts=prompts)
         images = out["images"] * 2 - 1
-        real = reference_features(config["dataset"], "test", net, config["image_size"], args.num_real, config["data_dir"],
-                                  args.cache_dir, args.batch_size, args.seed)
         scores = fid_kid(real, images, net, args.batch_size, seed=args.seed)
         scores.update(transport_cost=transport_cost(out["x0"], out["x1"]).item(), nfe_used=out["nfe"])
         if "paths" in out:

@@ -250,8 +250,9 @@ def load_text_encoder(name: str = "minilm", device: torch.device | str = "cpu") 
         else:
             tokenizer, model = AutoTokenizer.from_pretrained(source), AutoModel.from_pretrained(source)
     except OSError:
-        default = "" if Path(str(source)).exists() else ", or use the shipped default: minilm"
-        raise UserError(f"cannot load the text encoder {name!r}{offline_hint(source)}{default}") from None
+        hint = offline_hint(source)
+        hint += ", or use the shipped default: minilm" if hint else ""
+        raise UserError(f"cannot load the text encoder {name!r}{hint}") from None
     # CLIP's 77 tokens as in the paper; 32 covers captions for a sentence encoder and keeps the cache small.
     max_length = min(77 if model_type.startswith("clip") else 32, model.config.max_position_embeddings)
     return TextEncoder(tokenizer, model, name=str(name), max_length=max_length).to(device)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from checkpoints import load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dataset import add_dataset_args, dataset_from_args
-from flow import COUPLINGS, SOLVERS, TIME_SAMPLINGS, couple, ddpm_loss, flow_matching_loss, generate
+from flow import COUPLINGS, SOLVERS, TIME_SAMPLINGS, couple, ddpm_loss, flow_matching_loss, generate, transport_cost
 from latent_cache import caption_table, load_or_encode, load_or_encode_text
 from neural_models import build_unet, conditional_model, load_codec, load_text_encoder, text_unet_config, unet_config
 from runs import (
@@ -161,7 +161,7 @@ def training_loss(config, unet, prior, ddpm_scheduler, x1, conditioning, idx, ot
     cond, prior_input, groups = conditioning.draw(idx, config["cfg_dropout"])
     model = conditional_model(unet, cond)
     x0 = couple_across_ranks(prior.sample(prior_input), x1, groups, config["coupling"], ot_world)
-    cost = (x1 - x0).flatten(1).pow(2).sum(1).mean().item()
+    cost = transport_cost(x0, x1).item()
     if config["method"] == "ddpm":
         return ddpm_loss(model, x0, x1, ddpm_scheduler), cost
     return flow_matching_loss(model, x0, x1, config["sigma_min"], config["time_sampling"]), cost
